@@ -1,0 +1,1 @@
+"""minillm (public API being assembled)."""

@@ -1,0 +1,71 @@
+"""The small public API: load a model with its tokenizer, generate text."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from minillm.checkpoint import load_model, resolve_checkpoint
+from minillm.generate import Sampling, generate_tokens
+from minillm.manipulation import Manipulation
+from minillm.model import Transformer
+from minillm.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from an embedded name, a local folder or an `org/name` in the local HF cache."""
+    folder = resolve_checkpoint(name_or_path)
+    model = load_model(name_or_path, dtype=parse_dtype(dtype), device=device)
+    return model, load_tokenizer(folder)
+
+
+class TextStreamer:
+    """Turns one sequence's tokens into text as they come, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        self.write(text[self.printed:])
+        self.printed = len(text)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64, *,
+             sampling: Sampling | None = None, manipulation: Manipulation | None = None, mode: str = "cached",
+             chat: bool = False, stream: Callable[[str], None] | None = None) -> str | list[str]:
+    """Continue a prompt (or a batch of prompts) and return the new text.
+
+    chat=True wraps each prompt as a user message in the model's chat format.
+    stream receives the first sequence's text piece by piece as it is generated.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    token_ids = [tokenizer.encode(p) for p in prompts]
+    streamer = TextStreamer(tokenizer, stream) if stream is not None else None
+    eos = set(tokenizer.eos_ids)
+    result = generate_tokens(
+        model, token_ids, max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, sampling=sampling,
+        manipulation=manipulation, mode=mode,
+        on_token=(lambda b, t: streamer(t) if b == 0 and t not in eos else None) if streamer else None)
+    texts = [tokenizer.decode([t for t in tokens if t not in eos]) for tokens in result.tokens]
+    return texts[0] if isinstance(prompt, str) else texts

@@ -1,0 +1,135 @@
+"""Batched autoregressive generation: greedy or sampled, with or without the KV cache.
+
+Two modes for a manipulated model (DESIGN §4):
+
+- "cached": prefill the prompt once, then feed one token per step against the
+  KV cache. Exact (equal to "faithful") for freeze, skip_attention and swap at
+  prompt positions. For random it is a different experiment: only the tokens
+  that are previous when first processed (the prompt minus its last token) get
+  noise, drawn once; a generated token keeps its genuine states.
+- "faithful": the paper's behaviour: every step reruns the whole sequence, so a
+  generated token is manipulated as soon as it is no longer the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from minillm.manipulation import Manipulation
+from minillm.model import KVCache, Transformer
+
+MODES = ("cached", "faithful")
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted by top_k / top_p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens of each sequence, up to and including its stop token
+    logits: torch.Tensor | None = None  # [B, steps, V] fp32, when asked for
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T_max], each sequence right-aligned."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    eos_ids: Sequence[int] = (), pad_id: int = 0, sampling: Sampling | None = None,
+                    manipulation: Manipulation | None = None, mode: str = "cached",
+                    stop: Callable[[list[int]], bool] | None = None,
+                    on_token: Callable[[int, int], None] | None = None,
+                    return_logits: bool = False) -> Generation:
+    """Continue each prompt (a list of token ids) by up to max_new_tokens.
+
+    A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
+    `on_token(sequence_index, token)` is called as tokens are chosen (for streaming).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampling = sampling or Sampling()
+    generator = torch.Generator().manual_seed(sampling.seed)
+    device = model.embed_tokens.weight.device
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    B = len(prompts)
+
+    cache = None
+    if mode == "cached":
+        cache = KVCache(model.config, B, input_ids.shape[1] + max_new_tokens,
+                        dtype=model.embed_tokens.weight.dtype, device=device)
+    new_tokens: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    eos = set(eos_ids)
+    step_logits = []
+    step_input, step_mask = input_ids, attention_mask
+    for _ in range(max_new_tokens):
+        logits = model(step_input, step_mask, cache=cache, manipulation=manipulation, last_logits_only=True)
+        logits = logits[:, -1].float()
+        if return_logits:
+            step_logits.append(logits)
+        token = choose_next(logits, sampling, generator)
+        for b, t in enumerate(token.tolist()):
+            if done[b]:
+                continue
+            new_tokens[b].append(t)
+            if on_token is not None:
+                on_token(b, t)
+            done[b] = t in eos or (stop is not None and stop(new_tokens[b]))
+        if all(done):
+            break
+        if cache is None:  # faithful: rerun everything, the new token appended
+            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
+            step_input, step_mask = input_ids, attention_mask
+        else:
+            step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
+    logits = torch.stack(step_logits, dim=1) if return_logits else None
+    return Generation(new_tokens, logits)
+
+
+def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Next token [B] from last-position logits [B, V] (fp32)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)

@@ -1,0 +1,106 @@
+"""The four manipulations of "Attend First, Consolidate Later" as plain data.
+
+A `Manipulation` says *what* to do to previous tokens and *from which layer*;
+`model.py` does it, as visible lines of the decoder block. Notation (DESIGN §4):
+`H[j]` is the residual stream entering decoder layer j; "previous tokens" are
+all real (non-padding) positions of a sequence except its last one; `layer` is
+k, the first decoder layer whose view of previous tokens is altered, and k = L
+(the number of layers) means no manipulation at all.
+
+    random          at the input of layer k only, each previous token's H[k] becomes a
+                    Gaussian direction scaled to that token's own L2 norm
+    freeze          previous tokens keep H[k-1]: at every layer j >= k their H[j] is
+                    overwritten with it (their stream stops evolving)
+    swap            at the input of layer k only, the given positions get the given vectors
+    skip_attention  layers j >= k skip input-norm + attention for all positions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("random", "freeze", "swap", "skip_attention")
+
+# Noise is drawn in blocks of positions, each block from its own seeded generator, so the
+# vector a position gets depends only on (seed, position): not on the batch, the padding or
+# the sequence length.
+_NOISE_BLOCK = 64
+
+
+class ManipulationError(ValueError):
+    """A manipulation that cannot be applied as asked."""
+
+
+@dataclass(frozen=True)
+class Manipulation:
+    kind: str
+    layer: int
+    seed: int = 0  # random: which noise
+    positions: tuple[int, ...] = ()  # swap: positions counted from each sequence's first real token
+    vectors: torch.Tensor | None = field(default=None, repr=False)  # swap: [P, D] or [B, P, D]
+    description: str = ""  # free text kept with results, e.g. which donor the swap vectors came from
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ManipulationError(f"unknown manipulation kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise ManipulationError(f"manipulation layer must be an integer, got {self.layer!r}")
+        object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if self.kind == "swap":
+            if not self.positions:
+                raise ManipulationError("swap needs at least one position")
+            if len(set(self.positions)) != len(self.positions):
+                raise ManipulationError(f"swap positions must be distinct, got {list(self.positions)}")
+            if self.vectors is None:
+                raise ManipulationError("swap needs donor vectors, one per position")
+            if self.vectors.dim() not in (2, 3) or self.vectors.shape[-2] != len(self.positions):
+                raise ManipulationError(
+                    f"swap vectors must have shape [{len(self.positions)}, D] or "
+                    f"[batch, {len(self.positions)}, D] for {len(self.positions)} positions, "
+                    f"got {list(self.vectors.shape)}")
+        elif self.positions or self.vectors is not None:
+            raise ManipulationError(f"positions/vectors only apply to swap, not {self.kind}")
+
+    def check(self, num_layers: int, hidden_size: int, lengths: list[int]) -> None:
+        """Raise if this manipulation cannot apply to a model of this size and sequences of these lengths."""
+        lowest = 1 if self.kind == "freeze" else 0
+        if not lowest <= self.layer <= num_layers:
+            why = " (freeze keeps H[k-1], so k >= 1)" if self.kind == "freeze" and self.layer == 0 else ""
+            raise ManipulationError(
+                f"{self.kind} layer k={self.layer} is outside {lowest}..{num_layers} for a {num_layers}-layer model{why}")
+        if self.kind != "swap":
+            return
+        if self.vectors.shape[-1] != hidden_size:
+            raise ManipulationError(f"swap vectors have width {self.vectors.shape[-1]}, the model's hidden size is {hidden_size}")
+        if self.vectors.dim() == 3 and self.vectors.shape[0] != len(lengths):
+            raise ManipulationError(f"swap vectors are given for {self.vectors.shape[0]} sequences, the batch has {len(lengths)}")
+        for b, length in enumerate(lengths):
+            bad = [p for p in self.positions if not 0 <= p < length]
+            if bad:
+                raise ManipulationError(f"swap positions {bad} are outside sequence {b} of length {length}")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready record (swap vectors are summarised by shape; `description` says where they came from)."""
+        record = {"kind": self.kind, "layer": self.layer}
+        if self.kind == "random":
+            record["seed"] = self.seed
+        if self.kind == "swap":
+            record["positions"] = list(self.positions)
+            record["vectors_shape"] = list(self.vectors.shape)
+        if self.description:
+            record["description"] = self.description
+        return record
+
+
+def random_directions(seed: int, positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Gaussian vectors [*positions.shape, width] (fp32, CPU), a fixed function of (seed, position)."""
+    flat = positions.reshape(-1).cpu()
+    block_ids = torch.unique(flat // _NOISE_BLOCK)
+    table = torch.stack([
+        torch.randn(_NOISE_BLOCK, width, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(block)))
+        for block in block_ids
+    ])  # [blocks, _NOISE_BLOCK, width]
+    rows = table[torch.searchsorted(block_ids, flat // _NOISE_BLOCK), flat % _NOISE_BLOCK]
+    return rows.reshape(*positions.shape, width)

@@ -1,0 +1,354 @@
+"""A Llama/Mistral decoder, top to bottom: norm, rotary embeddings, attention, MLP, block, model.
+
+Parameter names follow Hugging Face's checkpoints (without their leading
+`model.`), so a checkpoint loads with a plain `load_state_dict`.
+
+Hidden-state convention: `H[j]` is the residual stream *entering* decoder layer
+j, before its input norm; `H[0]` is the token embeddings and `H[L]` the output
+of the last layer, before the final norm. (Hugging Face's
+`output_hidden_states[L]` is *after* the final norm: see `hf_hidden_states`.)
+
+The manipulations of "Attend First, Consolidate Later" (see manipulation.py)
+happen in `Block.forward`, each as a visible line, from a per-layer `LayerEdit`
+that `Transformer.forward` prepares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.manipulation import Manipulation, ManipulationError, random_directions
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 sums of squares lose too much), cast back, *then* scale:
+        # the order Hugging Face uses, so half-precision results round the same way.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """One rotation frequency per pair of head dimensions, fp32, with linear or llama3 rescaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between interpolated.
+        wavelength = 2 * math.pi / inv_freq
+        low_freq_wavelength = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_freq_wavelength = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        smooth = (scaling.original_max_position_embeddings / wavelength - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+        in_band = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+        return torch.where(in_band, interpolated, scaled)
+    return inv_freq
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, head_dim] for integer positions [B, T], always computed in fp32."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share frequencies
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys [B, heads, T, head_dim]; the fp32 tables are cast only here, at use."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right as tokens arrive.
+
+    Slots are shared by the batch; `key_valid` marks which slots hold real tokens
+    (left padding does not), and `next_position` is each sequence's next RoPE position.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0  # slots filled so far
+        self.max_length = max_length
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+# ----------------------------------------------------------------------------- attention and MLP
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.implementation = "sdpa"  # or "math": the explicit softmax(QK^T/sqrt(d))V below
+
+    def keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Rotated keys and values [B, kv_heads, T, head_dim] of normed inputs x [B, T, D]."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, *rope), v
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        q = apply_rope(q, *rope)
+        k, v = self.keys_values(x, rope)
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer, :, :, start:start + T] = k
+            cache.values[layer, :, :, start:start + T] = v
+            k, v = cache.keys[layer, :, :, :start + T], cache.values[layer, :, :, :start + T]
+        # GQA: key/value head j serves query heads j*g .. j*g+g-1
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if self.implementation == "math":
+            out = math_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def math_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v, with the softmax in fp32. mask: bool, True = may attend."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- block
+
+@dataclass
+class LayerEdit:
+    """What one layer does to its input this forward pass (all None/False: a plain layer)."""
+
+    previous: torch.Tensor | None = None  # [B, T, 1] bool: the previous tokens among this pass's positions
+    random: torch.Tensor | None = None  # [B, T, D] Gaussian directions for previous tokens
+    frozen: torch.Tensor | None = None  # [B, T, D] H[k-1], which previous tokens keep
+    swap_at: torch.Tensor | None = None  # [B, T, 1] bool: positions receiving a donor vector
+    swap_vectors: torch.Tensor | None = None  # [B, T, D] the donor vectors, in place
+    skip_attention: bool = False
+
+
+NO_EDIT = LayerEdit()
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def manipulate(self, x: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
+        """What enters this layer: the incoming states x, with previous tokens manipulated as `edit` says."""
+        if edit.random is not None:  # random: a Gaussian direction with the token's own norm
+            noise = edit.random * (x.float().norm(dim=-1, keepdim=True) / edit.random.norm(dim=-1, keepdim=True))
+            x = torch.where(edit.previous, noise.to(x.dtype), x)
+        if edit.frozen is not None:  # freeze: previous tokens keep their H[k-1]
+            x = torch.where(edit.previous, edit.frozen, x)
+        if edit.swap_at is not None:  # swap: donor vectors at the given positions
+            x = torch.where(edit.swap_at, edit.swap_vectors, x)
+        return x
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, edit: LayerEdit = NO_EDIT):
+        """x: this layer's input after `manipulate`."""
+        if not edit.skip_attention:  # skip_attention: no input norm, no attention; the MLP still runs
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+            if edit.frozen is not None and cache is not None:
+                # The newest token attended with its genuine keys/values, but from the next step on it is a
+                # previous token, whose state here is its frozen H[k-1]: cache what later tokens must see.
+                newest = self.input_layernorm(edit.frozen[:, -1:])
+                k, v = self.self_attn.keys_values(newest, tuple(t[:, -1:] for t in rope))
+                cache.keys[layer, :, :, cache.length + x.shape[1] - 1] = k[:, :, 0]
+                cache.values[layer, :, :, cache.length + x.shape[1] - 1] = v[:, :, 0]
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Checkpoints with tied embeddings have no lm_head weight: the output layer reuses the embedding."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def set_attention(self, implementation: str) -> None:
+        """"sdpa" (torch's fused kernel) or "math" (the explicit formula in `math_attention`)."""
+        if implementation not in ("sdpa", "math"):
+            raise ValueError(f"attention implementation must be 'sdpa' or 'math', got {implementation!r}")
+        for block in self.layers:
+            block.self_attn.implementation = implementation
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, manipulation: Manipulation | None = None,
+                output_hidden_states: bool = False, last_logits_only: bool = False):
+        """Logits [B, T, V] for input_ids [B, T] (left-padded where attention_mask is 0).
+
+        With a cache, input_ids are the new tokens only and attention_mask covers them only.
+        With output_hidden_states, returns (logits, H) where H [L+1, B, T, D] holds the states
+        that actually entered each layer (after any manipulation) and H[L] the last layer's output.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(torch.bool)
+        if not attention_mask[:, -1].all():
+            raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
+        positions, mask = self._positions_and_mask(attention_mask, cache)
+        rope = rope_tables(positions, rope_inverse_frequencies(self.config))
+        edits = self._edits(manipulation, attention_mask, positions, cache)
+
+        x = self.embed_tokens(input_ids)
+        states = []
+        frozen = None
+        for j, block in enumerate(self.layers):
+            if manipulation is not None and manipulation.kind == "freeze" and j == manipulation.layer - 1:
+                frozen = x  # H[k-1]: what previous tokens keep from layer k on
+            edit = edits(j, frozen)
+            x = block.manipulate(x, edit)  # H[j]
+            if output_hidden_states:
+                states.append(x)
+            x = block(x, rope, mask, cache, j, edit)
+        states.append(x)  # H[L]
+        if cache is not None:
+            cache.length += T
+            cache.next_position += attention_mask.sum(dim=1)
+
+        if last_logits_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        if output_hidden_states:
+            return logits, torch.stack(states)
+        return logits
+
+    def residual_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """H [L+1, B, T, D] of unmanipulated prompts: e.g. the donor states for a swap."""
+        return self(input_ids, attention_mask, output_hidden_states=True)[1]
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _positions_and_mask(self, attention_mask: torch.Tensor, cache: KVCache | None):
+        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, T_keys]."""
+        B, T = attention_mask.shape
+        device = attention_mask.device
+        # Left padding shifts positions: each sequence's first real token gets position 0.
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        start = 0
+        key_valid = attention_mask
+        if cache is not None:
+            start = cache.length
+            if start + T > cache.max_length:
+                raise ValueError(f"KV cache holds {cache.max_length} tokens; this pass needs {start + T}")
+            positions = positions + cache.next_position[:, None]
+            cache.key_valid[:, start:start + T] = attention_mask
+            key_valid = cache.key_valid[:, :start + T]
+        query_slot = torch.arange(start, start + T, device=device)[:, None]
+        key_slot = torch.arange(start + T, device=device)[None, :]
+        allowed = key_slot <= query_slot  # causal
+        if self.config.sliding_window is not None:
+            allowed = allowed & (key_slot > query_slot - self.config.sliding_window)
+        allowed = allowed[None] & key_valid[:, None, :]
+        # A padding query would see no key at all (softmax of nothing = NaN): let it see itself.
+        allowed = allowed | (key_slot == query_slot)[None]
+        return positions, allowed[:, None]
+
+    def _edits(self, manipulation: Manipulation | None, attention_mask, positions, cache):
+        """A function layer -> LayerEdit for this pass (NO_EDIT everywhere without a manipulation)."""
+        L = self.config.num_layers
+        if manipulation is None:
+            return lambda j, frozen: NO_EDIT
+        lengths = (positions[:, -1] + 1).tolist()
+        manipulation.check(L, self.config.hidden_size, lengths)
+        if manipulation.layer == L:  # k = L: no layer's view is altered
+            return lambda j, frozen: NO_EDIT
+        k = manipulation.layer
+        # Previous tokens: real positions except each sequence's last (the last column, as we pad on the left).
+        previous = attention_mask.clone()
+        previous[:, -1] = False
+        previous = previous[..., None]
+
+        if manipulation.kind == "skip_attention":
+            skip = LayerEdit(skip_attention=True)
+            return lambda j, frozen: skip if j >= k else NO_EDIT
+        if manipulation.kind == "freeze":
+            return lambda j, frozen: LayerEdit(previous=previous, frozen=frozen) if j >= k else NO_EDIT
+        if manipulation.kind == "random":
+            noise = random_directions(manipulation.seed, positions, self.config.hidden_size).to(positions.device)
+            edit = LayerEdit(previous=previous, random=noise)
+            return lambda j, frozen: edit if j == k else NO_EDIT
+        # swap: place each donor vector at its position in every sequence
+        B, T = attention_mask.shape
+        wanted = torch.tensor(manipulation.positions, device=positions.device)
+        hits = (positions[..., None] == wanted) & attention_mask[..., None]  # [B, T, P]
+        vectors = manipulation.vectors.to(device=positions.device, dtype=self.embed_tokens.weight.dtype)
+        if vectors.dim() == 2:
+            vectors = vectors.expand(B, *vectors.shape)
+        swap_at = hits.any(dim=-1, keepdim=True)
+        which = hits.to(torch.uint8).argmax(dim=-1)  # [B, T]: index of the donor vector for each position
+        swap_vectors = torch.gather(vectors, 1, which[..., None].expand(-1, -1, vectors.shape[-1]))
+        edit = LayerEdit(swap_at=swap_at, swap_vectors=swap_vectors)
+        return lambda j, frozen: edit if j == k else NO_EDIT
+
+
+def hf_hidden_states(model: Transformer, states: torch.Tensor) -> torch.Tensor:
+    """Our H [L+1, ...] in Hugging Face's `output_hidden_states` convention (final norm on the last entry)."""
+    return torch.cat([states[:-1], model.norm(states[-1])[None]])

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Create .venv with minillm and its test tools. torch is pinned here (the CPU build of 2.13.0);
+# pyproject.toml itself accepts any torch >= 2.4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
