@@ -1,0 +1,312 @@
+"""Text <-> token ids for a Hugging Face checkpoint folder, with its BOS policy and chat format.
+
+Two file formats hold a vocabulary, and `load_tokenizer` reads either:
+
+    tokenizer.json    the `tokenizers` library's format (byte-level BPE for SmolLM2;
+                      Llama-2 and Mistral ship one too). Preferred when present.
+    tokenizer.model   a SentencePiece model (Llama-2, Mistral, Yi, Llemma).
+
+Everything a vocabulary file does not say comes from the folder's json files:
+
+    add_bos_token     `tokenizer_config.json`: whether `encode` starts with BOS. Llama-2,
+                      Mistral and Llemma do; Yi and SmolLM2 do not. Getting this wrong
+                      silently costs accuracy, so it is read, never guessed by model name.
+    special tokens    `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`) and
+                      `config.json` (`bos_token_id`, `eos_token_id`, `pad_token_id`).
+    chat_template     a Jinja template. We do not depend on Jinja: we recognise the two
+                      formats our models use, ChatML (`<|im_start|>`) and `[INST]`
+                      (Llama-2 / Mistral), and format them in Python.
+
+Special tokens written in the text (`<|im_start|>`, `<s>`) are encoded as their single
+ids, as transformers does, so a formatted chat prompt encodes correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder we cannot read, or a request it cannot serve."""
+
+
+class Tokenizer:
+    """Encode and decode text for one checkpoint; build chat prompts in its format."""
+
+    def __init__(self, backend, *, bos_id: int | None, eos_ids: tuple[int, ...], pad_id: int, add_bos: bool,
+                 chat_template: str | None, source: Path):
+        self._backend = backend
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.add_bos = add_bos
+        self.vocab_size = backend.vocab_size
+        self.chat_template = chat_template
+        self.source = source
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; a BOS is put first when `add_bos` (None: the checkpoint's policy) says so.
+
+        Never a second BOS: a text that already starts with the BOS token (a formatted
+        `[INST]` prompt does) keeps the one it has.
+        """
+        ids = self._backend.encode(text)
+        wants_bos = self.add_bos if add_bos is None else add_bos
+        if wants_bos and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (a list, tuple or 1-D tensor); special tokens are dropped unless asked for."""
+        return self._backend.decode([int(token_id) for token_id in ids], skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` ([{"role": ..., "content": ...}]) in this model's chat format."""
+        template = self.chat_template
+        if template is None:
+            raise TokenizerError(f"{self.source}: the model has no chat template (no chat_template in "
+                                 "tokenizer_config.json), so it has no supported chat format")
+        if "<|im_start|>" in template:
+            return _format_chatml(messages, add_generation_prompt, _default_system_prompt(template))
+        if "[INST]" in template:
+            bos, eos = self._backend.token_text(self.bos_id), self._backend.token_text(self.eos_ids[0])
+            if "<<SYS>>" in template:
+                return _format_llama2(messages, bos, eos)
+            return _format_mistral(messages, bos, eos)
+        raise TokenizerError(f"{self.source}: the model has no supported chat format "
+                             "(its chat_template is neither ChatML nor [INST] style)")
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer of the checkpoint folder `folder` (tokenizer.json preferred over tokenizer.model)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        backend = _JsonBackend(folder / "tokenizer.json")
+    elif (folder / "tokenizer.model").is_file():
+        backend = _SentencePieceBackend(folder / "tokenizer.model")
+    else:
+        raise TokenizerError(f"{folder}: no tokenizer file (looked for {' and '.join(TOKENIZER_FILES)})")
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    model_config = _read_json(folder / "config.json")
+    special = _SpecialTokens(backend, tokenizer_config, folder / "tokenizer_config.json")
+
+    bos_id = _first_known(special.id("bos_token"), model_config.get("bos_token_id"), backend.bos_id)
+    eos_ids = _unique(special.id("eos_token"), *_as_list(model_config.get("eos_token_id")), backend.eos_id)
+    pad_id = _first_known(special.id("pad_token"), model_config.get("pad_token_id"), *eos_ids)
+    if pad_id is None:
+        raise TokenizerError(f"{folder}: no pad or eos token (tokenizer_config.json has no eos_token, "
+                             "config.json no eos_token_id)")
+    add_bos = tokenizer_config.get("add_bos_token", backend.adds_bos_by_default)
+    if add_bos and bos_id is None:
+        raise TokenizerError(f"{folder / 'tokenizer_config.json'}: add_bos_token is true but no bos_token is defined")
+    return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id, add_bos=bool(add_bos),
+                     chat_template=_chat_template(folder, tokenizer_config), source=folder)
+
+
+# --- the two vocabulary backends ---------------------------------------------------------------
+
+class _JsonBackend:
+    """A `tokenizer.json` through the `tokenizers` library (what transformers' fast tokenizers use)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.eos_id = None  # the file names no roles; the json configs do
+        # Without an explicit add_bos_token, transformers' fast tokenizers add whatever the
+        # file's post-processor adds: see whether it puts a token before an empty text.
+        self._post_processor_prefix = self._tok.encode("", add_special_tokens=True).ids
+
+    @property
+    def adds_bos_by_default(self) -> bool:
+        return bool(self._post_processor_prefix)
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: the BOS is our decision (policy), not the post-processor's.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text: str) -> int | None:
+        return self._tok.token_to_id(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+
+class _SentencePieceBackend:
+    """A SentencePiece `tokenizer.model` (Llama-2 style: we add BOS ourselves, per policy)."""
+
+    adds_bos_by_default = True  # transformers' LlamaTokenizer default when tokenizer_config is silent
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = _known_id(self._sp.bos_id())  # SentencePiece says -1 for "none"
+        self.eos_id = _known_id(self._sp.eos_id())
+        # Control pieces (<s>, </s>) and <unk> are never produced from text by SentencePiece,
+        # so we split them out of the text ourselves, as transformers does.
+        special_ids = [i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)]
+        self._special = {self._sp.id_to_piece(i): i for i in special_ids}
+        longest_first = sorted(self._special, key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for part in self._special_pattern.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                # Each stretch between special tokens gets SentencePiece's leading "▁", like
+                # transformers' legacy Llama tokenizer: "<s>[INST]" -> <s>, "▁[", "INST", "]".
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        special_ids = set(self._special.values())
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in special_ids])
+        # SentencePiece decodes control tokens to nothing: write them out between decoded stretches.
+        pieces, stretch = [], []
+        for token_id in ids:
+            if token_id in special_ids:
+                pieces += [self._sp.decode(stretch), self._sp.id_to_piece(token_id)]
+                stretch = []
+            else:
+                stretch.append(token_id)
+        return "".join(pieces + [self._sp.decode(stretch)])
+
+    def token_id(self, text: str) -> int | None:
+        token_id = self._sp.piece_to_id(text)
+        # Unknown pieces map to the <unk> id; tell that apart from asking for "<unk>" itself.
+        return token_id if self._sp.id_to_piece(token_id) == text else None
+
+    def token_text(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+
+# --- reading the json files --------------------------------------------------------------------
+
+class _SpecialTokens:
+    """Ids of the special tokens that `tokenizer_config.json` names (as text, or {"content": text})."""
+
+    def __init__(self, backend, tokenizer_config: dict, path: Path):
+        self._backend, self._config, self._path = backend, tokenizer_config, path
+
+    def id(self, field: str) -> int | None:
+        value = self._config.get(field)
+        text = value.get("content") if isinstance(value, dict) else value
+        if text is None:
+            return None
+        token_id = self._backend.token_id(text)
+        if token_id is None:
+            raise TokenizerError(f"{self._path}: {field} {text!r} is not in the vocabulary")
+        return token_id
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TokenizerError(f"{path}: not valid JSON ({error})") from error
+
+
+def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:
+    """The Jinja chat template: `chat_template` in tokenizer_config.json, else a chat_template.jinja file."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((entry["template"] for entry in template if entry.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
+
+
+def _known_id(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _first_known(*candidates):
+    return next((c for c in candidates if c is not None), None)
+
+
+def _unique(*candidates) -> tuple[int, ...]:
+    """The non-None candidates, first occurrence kept, in order."""
+    return tuple(dict.fromkeys(c for c in candidates if c is not None))
+
+
+# --- chat formats ------------------------------------------------------------------------------
+
+# A ChatML template that writes a fixed system turn when the caller gave none, e.g. SmolLM2's
+# '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n'. The newline
+# may be a real one or a Jinja "\n" escape; quotes or braces inside mean the text is computed.
+_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+
+
+def _default_system_prompt(template: str) -> str | None:
+    found = _DEFAULT_SYSTEM.search(template)
+    return found.group(1).replace("\\n", "\n") if found else None
+
+
+def _format_chatml(messages: list[dict], add_generation_prompt: bool, default_system: str | None) -> str:
+    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, plus the template's default system turn."""
+    if default_system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}] + list(messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _format_llama2(messages: list[dict], bos: str, eos: str) -> str:
+    """Llama-2-chat: `<s>[INST] {user} [/INST] {answer} </s>` per turn; a system text goes in <<SYS>>."""
+    system, turns = _split_system(messages)
+    text = ""
+    for index, message in enumerate(turns):
+        content = message["content"]
+        if index == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if message["role"] == "user":
+            text += f"{bos}[INST] {content.strip()} [/INST]"
+        else:
+            text += f" {content.strip()} {eos}"
+    return text
+
+
+def _format_mistral(messages: list[dict], bos: str, eos: str) -> str:
+    """Mistral-Instruct: `<s>[INST] {user} [/INST]{answer}</s>[INST] ...`; it has no system turn."""
+    system, turns = _split_system(messages)
+    if system is not None:
+        raise TokenizerError("this model's [INST] chat format has no system message")
+    text = bos
+    for message in turns:
+        if message["role"] == "user":
+            text += f"[INST] {message['content']} [/INST]"
+        else:
+            text += f"{message['content']}{eos}"
+    return text
+
+
+def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """(system text or None, the user/assistant turns), checking the turns alternate starting with user."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else list(messages)
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise TokenizerError(f"message {index} has role {message['role']!r}; [INST] chats alternate "
+                                 "user/assistant, starting with user")
+    return system, turns

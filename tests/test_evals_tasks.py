@@ -1,0 +1,232 @@
+"""The Task record and the four built-in tasks: sizes, prompts, leaks, golds, chance levels."""
+
+import math
+import re
+
+import pytest
+
+from evals.metrics import normalize_answer, split_sentences
+from evals.tasks import (
+    CAPITALS_SHOT,
+    FACTOID_SHOTS,
+    READING_SHOT,
+    SUMMARY_SHOT,
+    TASKS,
+    Example,
+    Task,
+    chance_level,
+    context_qa,
+    get_task,
+    swap_pairs,
+    truncate_at_stop,
+)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: get_task(name) for name in TASKS}
+
+
+def _toy_task(**overrides):
+    settings = dict(
+        name="toy", description="toy task", template="Q: {question}\nA:",
+        examples=(Example("a", {"question": "one?"}, ("1",)), Example("b", {"question": "two?"}, ("2",))),
+        metric="squad", primary="exact_match", max_new_tokens=4, stop=("\n",),
+    )
+    return Task(**(settings | overrides))
+
+
+# --- the record ------------------------------------------------------------------------------
+
+def test_truncate_at_stop_cuts_at_the_earliest_stop_string():
+    assert truncate_at_stop(" Madrid Q: What is the capital", ("\n", "Q:")) == "Madrid"
+    assert truncate_at_stop("Paris\nQ: next", ("Q:", "\n")) == "Paris"
+    assert truncate_at_stop("\n  Paris  \n\nmore", ("\n",)) == "Paris"  # leading line breaks are not the end
+    assert truncate_at_stop(" no stop here ", ("\n",)) == "no stop here"
+    assert truncate_at_stop("", ("\n",)) == ""
+    once = truncate_at_stop(" A summary.\n\nArticle: next", ("\n\n", "Article:"))
+    assert once == "A summary." == truncate_at_stop(once, ("\n\n", "Article:"))
+
+
+def test_prompt_puts_demonstrations_before_the_question():
+    shot = Example("s", {"question": "zero?"}, ("0", "nought"))
+    task = _toy_task(shots=(shot,), shot_separator="\n\n")
+    assert task.prefix == "Q: zero?\nA: 0\n\n"
+    assert task.prompt(task.examples[1]) == "Q: zero?\nA: 0\n\nQ: two?\nA:"
+    assert _toy_task().prompt(task.examples[0]) == "Q: one?\nA:"
+
+
+def test_score_postprocesses_the_generation():
+    task = _toy_task()
+    assert task.score(" 2\nQ: three?", task.examples[1]) == {"exact_match": 1.0, "f1": 1.0}
+    assert task.score(" 1", task.examples[1])["exact_match"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"metric": "bleu"}, "unknown metric"),
+        ({"primary": "rougeL"}, "primary key"),
+        ({"template": "Q: {question} {topic}\nA:"}, "no field 'topic'"),
+        ({"examples": ()}, "no examples"),
+        ({"examples": (Example("a", {"question": "one?"}, ()),)}, "non-empty gold"),
+        ({"examples": (Example("a", {"question": "one?"}, ("  ",)),)}, "non-empty gold"),
+    ],
+)
+def test_task_rejects_inconsistent_records(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _toy_task(**overrides)
+
+
+def test_chance_level_by_hand():
+    distinct = [Example(str(i), {}, (gold,)) for i, gold in enumerate(["Paris", "Rome", "Oslo"])]
+    assert chance_level(distinct, "squad", "exact_match") == 0.0
+    same = [Example(str(i), {}, ("Paris",)) for i in range(3)]
+    assert chance_level(same, "squad", "exact_match") == 1.0
+    # Two examples: each must be answered with the other's gold, whatever the seed.
+    pair = [Example("a", {}, ("new york city",)), Example("b", {}, ("york",))]
+    assert chance_level(pair, "f1", "f1", seed=5) == pytest.approx((0.5 + 0.5) / 2)
+    assert math.isnan(chance_level(distinct[:1], "squad", "exact_match"))
+
+
+def test_get_task_limit_and_unknown_names():
+    assert TASKS == ("capitals", "fanoutqa", "context-qa", "summarization")
+    limited = get_task("capitals", limit=5)
+    assert limited.examples == get_task("capitals").examples[:5]
+    with pytest.raises(KeyError, match="built-in tasks: capitals"):
+        get_task("squad")
+    with pytest.raises(ValueError, match="positive"):
+        get_task("capitals", limit=0)
+
+
+# --- every built-in task ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "minimum"),
+                         [("capitals", 150), ("fanoutqa", 1000), ("context-qa", 200), ("summarization", 40)])
+def test_builtin_task_sizes(tasks, name, minimum):
+    assert len(tasks[name].examples) >= minimum
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_builtin_examples_are_well_formed(tasks, name):
+    task = tasks[name]
+    assert task.name == name and task.description and task.source and task.licence and task.credit
+    ids = [example.id for example in task.examples]
+    assert len(set(ids)) == len(ids)
+    for example in task.examples:
+        assert example.golds and all(gold.strip() for gold in example.golds)
+        assert task.prompt(example).startswith(task.prefix)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_no_example_leaks_a_demonstration(tasks, name):
+    task = tasks[name]
+    assert task.shots
+    for shot in task.shots:
+        for value in shot.fields.values():
+            assert all(value not in example.fields.values() for example in task.examples)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_chance_is_a_level_below_answering_with_the_gold(tasks, name):
+    task = tasks[name]
+    assert 0.0 <= task.chance < 0.5
+    for example in task.examples:
+        assert task.score(example.golds[0], example)[task.primary] == pytest.approx(1.0)
+
+
+# --- capitals --------------------------------------------------------------------------------
+
+def test_capitals_prompt_is_the_papers_one_shot_form(tasks):
+    capitals = tasks["capitals"]
+    france = next(example for example in capitals.examples if example.fields["country"] == "France")
+    assert capitals.prompt(france) == "Q: What is the capital of Spain? A: Madrid Q: What is the capital of France? A:"
+    assert capitals.score(" Paris Q: What is the capital of Italy? A: Rome", france)["exact_match"] == 1.0
+    assert capitals.shots == (CAPITALS_SHOT,)
+
+
+def test_capitals_excludes_spain_and_answers_hidden_in_the_question(tasks):
+    examples = tasks["capitals"].examples
+    assert "Spain" not in {example.fields["country"] for example in examples}
+    for example in examples:
+        country_words = normalize_answer(example.fields["country"]).split()
+        for gold in example.golds:
+            for word in normalize_answer(gold).split():
+                assert all(word not in country_word and country_word not in word for country_word in country_words), (
+                    example.fields["country"], gold)
+
+
+def test_capitals_aliases():
+    golds = {example.fields["country"]: example.golds for example in get_task("capitals").examples}
+    assert golds["Ukraine"] == ("Kyiv", "Kiev")
+    assert golds["the United States"] == ("Washington, D.C.", "Washington")
+    assert golds["India"] == ("New Delhi",)  # Delhi is the territory, not another name for the capital
+
+
+def test_swap_pairs():
+    pairs = swap_pairs()
+    countries = {example.fields["country"] for example in get_task("capitals").examples}
+    assert {recipient.fields["country"] for recipient, _ in pairs} == countries  # each recipient once
+    for recipient, donor in pairs:
+        assert recipient.id != donor.id
+        assert not {normalize_answer(g) for g in recipient.golds} & {normalize_answer(g) for g in donor.golds}
+    assert swap_pairs(limit=10) == pairs[:10]
+    assert swap_pairs(limit=10, seed=0) == swap_pairs(limit=10, seed=0)
+    assert swap_pairs(limit=10, seed=1) != swap_pairs(limit=10, seed=0)
+
+
+# --- fanoutqa --------------------------------------------------------------------------------
+
+def test_fanoutqa_keeps_short_factoids_and_credits_the_dataset(tasks):
+    task = tasks["fanoutqa"]
+    assert task.licence == "CC BY-SA 4.0" and "FanOutQA" in task.credit and "Andrew Zhu" in task.credit
+    shot_questions = {shot.fields["question"] for shot in FACTOID_SHOTS}
+    questions = [example.fields["question"] for example in task.examples]
+    assert not shot_questions & set(questions)
+    assert len({question.lower() for question in questions}) == len(questions)  # duplicates were merged
+    for example in task.examples:
+        assert not example.fields["question"].lower().startswith("how old")
+        assert all(len(gold.split()) <= 5 and " and " not in gold for gold in example.golds)
+    assert task.prompt(task.examples[0]).startswith("Q: Who wrote the novel Pride and Prejudice?\nA: Jane Austen\n"
+                                                    "Q: In what year did the Berlin Wall fall?\nA: 1989\nQ: ")
+
+
+# --- context-qa ------------------------------------------------------------------------------
+
+def test_context_qa_answer_is_in_the_passage_only(tasks):
+    for example in tasks["context-qa"].examples:
+        passage, question = example.fields["passage"], example.fields["question"]
+        for gold in example.golds:
+            assert gold in passage
+            assert gold.lower() not in question.lower()
+
+
+def test_context_qa_passages_hold_same_type_distractors(tasks):
+    for example in tasks["context-qa"].examples:
+        distractors = example.fields["distractors"].split(" | ")
+        assert 2 <= len(distractors) <= 3
+        for distractor in distractors:
+            assert distractor in example.fields["passage"]
+            assert normalize_answer(distractor) not in {normalize_answer(gold) for gold in example.golds}
+            # Same type: a year for a year, a number for a number, a word for a word.
+            assert bool(re.fullmatch(r"[\d,]+", distractor)) == bool(re.fullmatch(r"[\d,]+", example.golds[0]))
+
+
+def test_context_qa_is_varied_and_deterministic():
+    task = context_qa(size=60)
+    assert task.examples == context_qa(size=60).examples
+    assert task.examples != context_qa(size=60, seed=1).examples
+    assert len({example.fields["question"].split()[0] for example in task.examples}) >= 4  # In/What/Who/How...
+    assert len({example.fields["passage"] for example in task.examples}) == 60
+    assert task.shots == (READING_SHOT,)
+
+
+# --- summarization ---------------------------------------------------------------------------
+
+def test_summarization_articles_and_summaries_have_the_promised_shape(tasks):
+    task = tasks["summarization"]
+    assert task.shots == (SUMMARY_SHOT,) and task.metric == "rouge" and task.primary == "rougeL"
+    for example in task.examples:
+        assert 80 <= len(example.fields["document"].split()) <= 200
+        assert 1 <= len(split_sentences(example.golds[0])) <= 3
+    assert task.score(" A summary.\n\nArticle: another", task.examples[0]) == task.score("A summary.", task.examples[0])
