@@ -1,14 +1,18 @@
 """Batched autoregressive generation: greedy or sampled, with or without the KV cache.
 
-Two modes for a manipulated model (DESIGN §4):
+Two modes for a manipulated model (DESIGN §4); both give the same tokens:
 
-- "cached": prefill the prompt once, then feed one token per step against the
-  KV cache. Exact (equal to "faithful") for freeze, skip_attention and swap at
-  prompt positions. For random it is a different experiment: only the tokens
-  that are previous when first processed (the prompt minus its last token) get
-  noise, drawn once; a generated token keeps its genuine states.
-- "faithful": the paper's behaviour: every step reruns the whole sequence, so a
+- "faithful": the paper's procedure: every step reruns the whole sequence, so a
   generated token is manipulated as soon as it is no longer the last one.
+- "cached": prefill the prompt once, then feed one token per step against the
+  KV cache. When a token stops being the last one, the model rewrites its cached
+  keys/values as a previous token's (freeze: from its H[k-1]; random: from its
+  noise at layer k, recomputed through layers >= k), so cached equals faithful for
+  every kind. Random vectors depend only on (seed, position), so the noise a token
+  gets is the same at every step; the paper's code redraws it at each step.
+
+Sweeps can also reuse an unmanipulated prefill (`Prefill`): layers below k are the
+same for every manipulation at k, so each manipulated run starts at layer k.
 """
 
 from __future__ import annotations
@@ -43,6 +47,32 @@ class Sampling:
 
 
 @dataclass
+class Prefill:
+    """The unmanipulated pass over a batch of prompts, kept to start manipulated runs at their layer k."""
+
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor  # [B, T]
+    states: torch.Tensor  # H [L+1, B, T, D]
+    cache: KVCache | None  # keys/values of all layers after the prompt (cached mode)
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
+            mode: str = "cached") -> Prefill:
+    """Run the prompts once without manipulation, keeping every layer's states (and the KV cache)."""
+    device = model.embed_tokens.weight.device
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    cache = _new_cache(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if mode == "cached" else None
+    _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True)
+    return Prefill(input_ids, attention_mask, states, cache)
+
+
+def _new_cache(model: Transformer, batch_size: int, length: int, num_layers: int | None = None) -> KVCache:
+    weight = model.embed_tokens.weight
+    return KVCache(model.config, batch_size, length, dtype=weight.dtype, device=weight.device, num_layers=num_layers)
+
+
+@dataclass
 class Generation:
     tokens: list[list[int]]  # new tokens of each sequence, up to and including its stop token
     logits: torch.Tensor | None = None  # [B, steps, V] fp32, when asked for
@@ -65,13 +95,16 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
 def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                     eos_ids: Sequence[int] = (), pad_id: int = 0, sampling: Sampling | None = None,
                     manipulation: Manipulation | None = None, mode: str = "cached",
-                    stop: Callable[[list[int]], bool] | None = None,
+                    stop: Callable[[list[int]], bool] | None = None, reuse: Prefill | None = None,
                     on_token: Callable[[int, int], None] | None = None,
-                    return_logits: bool = False) -> Generation:
+                    return_logits: bool = False, efficient: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
     `on_token(sequence_index, token)` is called as tokens are chosen (for streaming).
+    `reuse`: the `prefill` of these same prompts; the first pass then starts at the manipulated layer.
+    `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
+    tokens only as far as anyone reads them; skip_attention keeps no KV cache for layers >= k.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -80,20 +113,37 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     sampling = sampling or Sampling()
     generator = torch.Generator().manual_seed(sampling.seed)
     device = model.embed_tokens.weight.device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
     B = len(prompts)
+    if reuse is None:
+        input_ids, attention_mask = left_pad(prompts, pad_id, device)
+        cache_layers = None
+        if efficient and manipulation is not None and manipulation.kind == "skip_attention":
+            cache_layers = manipulation.layer
+        cache = _new_cache(model, B, input_ids.shape[1] + max_new_tokens, cache_layers) if mode == "cached" else None
+        first_pass = {}
+    else:
+        if (reuse.cache is None) != (mode == "faithful") or reuse.input_ids.shape[0] != B:
+            raise ValueError("reuse: the prefill was made for another batch or another mode")
+        input_ids, attention_mask = reuse.input_ids, reuse.attention_mask
+        cache = None
+        if mode == "cached":
+            cache = reuse.cache.clone()
+            cache.rewind()
+            if cache.max_length < input_ids.shape[1] + max_new_tokens:
+                raise ValueError(f"reuse: the prefill's cache holds {cache.max_length} tokens, too few for "
+                                 f"{max_new_tokens} new tokens")
+        k = model.config.num_layers if manipulation is None else manipulation.layer
+        first_pass = {"start_layer": k, "states_below": reuse.states}
 
-    cache = None
-    if mode == "cached":
-        cache = KVCache(model.config, B, input_ids.shape[1] + max_new_tokens,
-                        dtype=model.embed_tokens.weight.dtype, device=device)
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     eos = set(eos_ids)
     step_logits = []
     step_input, step_mask = input_ids, attention_mask
     for _ in range(max_new_tokens):
-        logits = model(step_input, step_mask, cache=cache, manipulation=manipulation, last_logits_only=True)
+        logits = model(step_input, step_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
+                       efficient=efficient, **first_pass)
+        first_pass = {}
         logits = logits[:, -1].float()
         if return_logits:
             step_logits.append(logits)

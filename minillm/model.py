@@ -91,8 +91,10 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_layers: int | None = None):
+        # num_layers < L: a cache for the lowest layers only (skip_attention from that layer on needs no more)
+        layers = config.num_layers if num_layers is None else num_layers
+        shape = (layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
@@ -102,6 +104,19 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+    def clone(self) -> "KVCache":
+        copy = object.__new__(KVCache)
+        copy.__dict__.update({name: value.clone() if torch.is_tensor(value) else value
+                              for name, value in self.__dict__.items()})
+        return copy
+
+    def rewind(self) -> None:
+        """Empty the cache's bookkeeping but keep the stored keys/values, so that a pass over the
+        same tokens with `start_layer=k` reuses those of the layers below k (prefix reuse in sweeps)."""
+        self.length = 0
+        self.key_valid.zero_()
+        self.next_position.zero_()
 
 
 # ----------------------------------------------------------------------------- attention and MLP
@@ -123,16 +138,20 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, *rope), v
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
-        q = apply_rope(q, *rope)
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, slot: int = 0,
+                last_query_only: bool = False):
+        """With a cache, x's keys/values go to slots slot..slot+T-1 and attention reads slots 0..slot+T-1.
+        last_query_only: every position supplies keys/values, but only the last one asks (output [B, 1, D])."""
         k, v = self.keys_values(x, rope)
+        B, T, _ = x.shape
+        if last_query_only:
+            x, rope, mask = x[:, -1:], tuple(table[:, -1:] for table in rope), mask[:, :, -1:]
+        q = self.q_proj(x).view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Tq, hd]
+        q = apply_rope(q, *rope)
         if cache is not None:
-            start = cache.length
-            cache.keys[layer, :, :, start:start + T] = k
-            cache.values[layer, :, :, start:start + T] = v
-            k, v = cache.keys[layer, :, :, :start + T], cache.values[layer, :, :, :start + T]
+            cache.keys[layer, :, :, slot:slot + T] = k
+            cache.values[layer, :, :, slot:slot + T] = v
+            k, v = cache.keys[layer, :, :, :slot + T], cache.values[layer, :, :, :slot + T]
         # GQA: key/value head j serves query heads j*g .. j*g+g-1
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -140,7 +159,7 @@ class Attention(nn.Module):
             out = math_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(B, x.shape[1], self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 
@@ -176,9 +195,18 @@ class LayerEdit:
     swap_at: torch.Tensor | None = None  # [B, T, 1] bool: positions receiving a donor vector
     swap_vectors: torch.Tensor | None = None  # [B, T, D] the donor vectors, in place
     skip_attention: bool = False
+    # Efficiency mode for freeze, from layer k-1 up: previous tokens' outputs are overwritten by H[k-1]
+    # at the next layer anyway, so they only need keys/values; the last token alone gets attention and MLP.
+    last_token_only: bool = False
 
 
 NO_EDIT = LayerEdit()
+
+
+def norm_matched(directions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The directions [..., D] rescaled to the L2 norms of x [..., D] (computed in fp32), in x's dtype."""
+    scale = x.float().norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True)
+    return (directions * scale).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -192,26 +220,35 @@ class Block(nn.Module):
     def manipulate(self, x: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
         """What enters this layer: the incoming states x, with previous tokens manipulated as `edit` says."""
         if edit.random is not None:  # random: a Gaussian direction with the token's own norm
-            noise = edit.random * (x.float().norm(dim=-1, keepdim=True) / edit.random.norm(dim=-1, keepdim=True))
-            x = torch.where(edit.previous, noise.to(x.dtype), x)
+            x = torch.where(edit.previous, norm_matched(edit.random, x), x)
         if edit.frozen is not None:  # freeze: previous tokens keep their H[k-1]
             x = torch.where(edit.previous, edit.frozen, x)
         if edit.swap_at is not None:  # swap: donor vectors at the given positions
             x = torch.where(edit.swap_at, edit.swap_vectors, x)
         return x
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, edit: LayerEdit = NO_EDIT):
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slot: int = 0, edit: LayerEdit = NO_EDIT):
         """x: this layer's input after `manipulate`."""
+        if edit.last_token_only:
+            # efficiency mode: the previous tokens' outputs are never read, they keep their input
+            attended = x[:, -1:] + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slot,
+                                                  last_query_only=True)
+            self._cache_newest_as_frozen(edit, rope, cache, layer, slot + x.shape[1] - 1)
+            return torch.cat([x[:, :-1], attended + self.mlp(self.post_attention_layernorm(attended))], dim=1)
         if not edit.skip_attention:  # skip_attention: no input norm, no attention; the MLP still runs
-            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
-            if edit.frozen is not None and cache is not None:
-                # The newest token attended with its genuine keys/values, but from the next step on it is a
-                # previous token, whose state here is its frozen H[k-1]: cache what later tokens must see.
-                newest = self.input_layernorm(edit.frozen[:, -1:])
-                k, v = self.self_attn.keys_values(newest, tuple(t[:, -1:] for t in rope))
-                cache.keys[layer, :, :, cache.length + x.shape[1] - 1] = k[:, :, 0]
-                cache.values[layer, :, :, cache.length + x.shape[1] - 1] = v[:, :, 0]
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slot)
+            self._cache_newest_as_frozen(edit, rope, cache, layer, slot + x.shape[1] - 1)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _cache_newest_as_frozen(self, edit: LayerEdit, rope, cache: KVCache | None, layer: int, newest_slot: int):
+        """Freeze with a cache: the newest token attended with its genuine keys/values, but from the next step
+        on it is a previous token, whose state here is its frozen H[k-1]. Cache what later tokens must see."""
+        if edit.frozen is None or cache is None:
+            return
+        newest = self.input_layernorm(edit.frozen[:, -1:])
+        k, v = self.self_attn.keys_values(newest, tuple(table[:, -1:] for table in rope))
+        cache.keys[layer, :, :, newest_slot] = k[:, :, 0]
+        cache.values[layer, :, :, newest_slot] = v[:, :, 0]
 
 
 # ----------------------------------------------------------------------------- model
@@ -240,40 +277,67 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, manipulation: Manipulation | None = None,
-                output_hidden_states: bool = False, last_logits_only: bool = False):
+                output_hidden_states: bool = False, last_logits_only: bool = False,
+                start_layer: int = 0, states_below: torch.Tensor | None = None, efficient: bool = False):
         """Logits [B, T, V] for input_ids [B, T] (left-padded where attention_mask is 0).
 
         With a cache, input_ids are the new tokens only and attention_mask covers them only.
         With output_hidden_states, returns (logits, H) where H [L+1, B, T, D] holds the states
         that actually entered each layer (after any manipulation) and H[L] the last layer's output.
+
+        Prefix reuse: manipulations never change what happens below layer k, so a pass with
+        start_layer <= k can skip those layers, taking H[start_layer] (and, for freeze, H[k-1])
+        from `states_below`, the unmanipulated H of the same tokens (with a cache, the
+        unmanipulated keys/values of those layers must already be in it: see KVCache.rewind).
+
+        efficient: for freeze, compute previous tokens only as far as anyone reads them (keys/values
+        from layer k-1 up, no attention or MLP): same last-position logits, which are all it returns.
         """
         B, T = input_ids.shape
+        L = self.config.num_layers
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(torch.bool)
         if not attention_mask[:, -1].all():
             raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
+        k = L if manipulation is None else manipulation.layer
+        if start_layer and (states_below is None or start_layer > k):
+            raise ValueError(f"start_layer={start_layer} needs states_below and must not exceed the manipulated layer {k}")
+        slot = 0 if cache is None else cache.length
         positions, mask = self._positions_and_mask(attention_mask, cache)
         rope = rope_tables(positions, rope_inverse_frequencies(self.config))
-        edits = self._edits(manipulation, attention_mask, positions, cache)
+        edits = self._edits(manipulation, attention_mask, positions, efficient)
 
-        x = self.embed_tokens(input_ids)
-        states = []
-        frozen = None
-        for j, block in enumerate(self.layers):
-            if manipulation is not None and manipulation.kind == "freeze" and j == manipulation.layer - 1:
+        x = self.embed_tokens(input_ids) if start_layer == 0 else states_below[start_layer]
+        states = list(states_below[:start_layer]) if output_hidden_states and start_layer else []
+        freezing = manipulation is not None and manipulation.kind == "freeze" and k < L
+        frozen = states_below[k - 1] if start_layer and freezing else None
+        newest_at_k = None
+        for j in range(start_layer, L):
+            block = self.layers[j]
+            if freezing and j == k - 1:
                 frozen = x  # H[k-1]: what previous tokens keep from layer k on
+            if j == k:
+                newest_at_k = x[:, -1:]
             edit = edits(j, frozen)
             x = block.manipulate(x, edit)  # H[j]
             if output_hidden_states:
                 states.append(x)
-            x = block(x, rope, mask, cache, j, edit)
+            x = block(x, rope, mask, cache, j, slot, edit)
         states.append(x)  # H[L]
+        if cache is not None and manipulation is not None and manipulation.kind == "random" and k < L:
+            # From the next step on, the newest token is a previous token: its state entering layer k
+            # becomes noise and everything above is computed from that. Redo its cached keys/values
+            # in layers >= k that way now, so that cached generation equals the faithful rerun.
+            newest = norm_matched(edits(k, None).random[:, -1:], newest_at_k)
+            rope_newest = tuple(table[:, -1:] for table in rope)
+            for j in range(k, L):
+                newest = self.layers[j](newest, rope_newest, mask[:, :, -1:], cache, j, slot + T - 1)
         if cache is not None:
             cache.length += T
             cache.next_position += attention_mask.sum(dim=1)
 
-        if last_logits_only:
+        if last_logits_only or efficient:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if output_hidden_states:
@@ -311,7 +375,7 @@ class Transformer(nn.Module):
         allowed = allowed | (key_slot == query_slot)[None]
         return positions, allowed[:, None]
 
-    def _edits(self, manipulation: Manipulation | None, attention_mask, positions, cache):
+    def _edits(self, manipulation: Manipulation | None, attention_mask, positions, efficient: bool):
         """A function layer -> LayerEdit for this pass (NO_EDIT everywhere without a manipulation)."""
         L = self.config.num_layers
         if manipulation is None:
@@ -330,7 +394,9 @@ class Transformer(nn.Module):
             skip = LayerEdit(skip_attention=True)
             return lambda j, frozen: skip if j >= k else NO_EDIT
         if manipulation.kind == "freeze":
-            return lambda j, frozen: LayerEdit(previous=previous, frozen=frozen) if j >= k else NO_EDIT
+            first = k - 1 if efficient else k  # layer k-1's outputs for previous tokens are overwritten too
+            return lambda j, frozen: (LayerEdit(previous=previous, frozen=frozen, last_token_only=efficient)
+                                      if j >= first else NO_EDIT)
         if manipulation.kind == "random":
             noise = random_directions(manipulation.seed, positions, self.config.hidden_size).to(positions.device)
             edit = LayerEdit(previous=previous, random=noise)

@@ -1,0 +1,144 @@
+"""Generation paths that must agree: cached vs faithful, prefix reuse vs full runs, efficiency mode vs plain.
+
+A random tiny Llama (weights larger than the default init, so that every layer matters)
+and a batch of prompts of different lengths, so left padding is always exercised.
+"""
+
+import pytest
+import torch
+import transformers
+
+from minillm.config import ModelConfig
+from minillm.generate import Sampling, generate_tokens, prefill
+from minillm.manipulation import Manipulation
+from minillm.model import Transformer
+
+LAYERS, WIDTH, NEW = 4, 64, 8
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    hf_config = transformers.LlamaConfig(vocab_size=100, hidden_size=WIDTH, intermediate_size=128,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
+    config = ModelConfig.from_hf({**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def manipulations():
+    donor = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(7))
+    for k in (0, 1, 2, LAYERS - 1):
+        yield Manipulation("random", k, seed=3)
+        yield Manipulation("skip_attention", k)
+        yield Manipulation("swap", k, positions=(0, 2), vectors=donor)
+        if k:
+            yield Manipulation("freeze", k)
+
+
+def run(model, manipulation, **options):
+    return generate_tokens(model, PROMPTS, NEW, manipulation=manipulation, return_logits=True, **options)
+
+
+@pytest.mark.parametrize("manipulation", list(manipulations()), ids=lambda m: f"{m.kind}-k{m.layer}")
+def test_cached_generation_equals_faithful_reruns(model, manipulation):
+    faithful = run(model, manipulation, mode="faithful")
+    cached = run(model, manipulation, mode="cached")
+    assert cached.tokens == faithful.tokens
+    torch.testing.assert_close(cached.logits, faithful.logits, rtol=0, atol=1e-4)
+    # the comparison is not between two no-ops
+    assert (faithful.logits - run(model, None, mode="cached").logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["cached", "faithful"])
+def test_prefix_reuse_gives_bitwise_the_same_generation(model, mode):
+    reused = prefill(model, PROMPTS, NEW, mode=mode)
+    for manipulation in [None, *manipulations()]:
+        plain = run(model, manipulation, mode=mode)
+        fast = run(model, manipulation, mode=mode, reuse=reused)
+        assert fast.tokens == plain.tokens
+        assert torch.equal(fast.logits, plain.logits), manipulation
+
+
+def test_prefix_reuse_refuses_a_prefill_of_another_shape(model):
+    reused = prefill(model, PROMPTS, NEW, mode="cached")
+    with pytest.raises(ValueError, match="another batch or another mode"):
+        generate_tokens(model, PROMPTS, NEW, mode="faithful", reuse=reused)
+    with pytest.raises(ValueError, match="too few"):
+        generate_tokens(model, PROMPTS, NEW + 5, mode="cached", reuse=reused)
+
+
+@pytest.mark.parametrize("mode", ["cached", "faithful"])
+@pytest.mark.parametrize("kind, k", [("freeze", 1), ("freeze", 2), ("freeze", LAYERS - 1),
+                                     ("skip_attention", 0), ("skip_attention", 2)])
+def test_efficiency_mode_gives_the_manipulated_models_logits(model, mode, kind, k):
+    manipulation = Manipulation(kind, k)
+    plain = run(model, manipulation, mode=mode)
+    efficient = run(model, manipulation, mode=mode, efficient=True)
+    assert efficient.tokens == plain.tokens
+    torch.testing.assert_close(efficient.logits, plain.logits, rtol=0, atol=1e-5)
+
+
+def test_efficient_freeze_skips_previous_tokens_mlp_from_layer_k_minus_1(model):
+    """The saving is real: MLPs of layers >= k-1 see only the last position."""
+    seen = {}
+    hooks = [block.mlp.register_forward_pre_hook(lambda module, args, j=j: seen.__setitem__(j, args[0].shape[1]))
+             for j, block in enumerate(model.layers)]
+    try:
+        ids = torch.tensor([PROMPTS[2]])
+        model(ids, manipulation=Manipulation("freeze", 2), efficient=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {0: len(PROMPTS[2]), 1: 1, 2: 1, 3: 1}
+
+
+def test_efficient_skip_attention_keeps_no_cache_above_k(model):
+    from minillm.model import KVCache
+
+    full = KVCache(model.config, 1, 16)
+    lower = KVCache(model.config, 1, 16, num_layers=2)
+    assert lower.nbytes() * LAYERS == full.nbytes() * 2
+    # and generation with it works to the same tokens (shown above); a plain cache would be all layers
+    result = generate_tokens(model, PROMPTS, NEW, manipulation=Manipulation("skip_attention", 2), efficient=True)
+    assert result.tokens == generate_tokens(model, PROMPTS, NEW, manipulation=Manipulation("skip_attention", 2)).tokens
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    greedy = generate_tokens(model, PROMPTS, NEW).tokens
+    assert generate_tokens(model, PROMPTS, NEW, sampling=Sampling(temperature=1.0, top_k=1, seed=1)).tokens == greedy
+    assert generate_tokens(model, PROMPTS, NEW, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=1)).tokens == greedy
+    first = generate_tokens(model, PROMPTS, NEW, sampling=Sampling(temperature=1.5, seed=1)).tokens
+    assert generate_tokens(model, PROMPTS, NEW, sampling=Sampling(temperature=1.5, seed=1)).tokens == first
+    others = [generate_tokens(model, PROMPTS, NEW, sampling=Sampling(temperature=1.5, seed=s)).tokens for s in (2, 3)]
+    assert any(o != first for o in others)
+
+
+def test_generation_stops_per_sequence(model):
+    greedy = generate_tokens(model, PROMPTS, NEW).tokens
+    stop_token = greedy[0][2]
+    stopped = generate_tokens(model, PROMPTS, NEW, eos_ids=[stop_token]).tokens
+    assert stopped[0] == greedy[0][: greedy[0].index(stop_token) + 1]
+    by_callback = generate_tokens(model, PROMPTS, NEW, stop=lambda tokens: len(tokens) == 3).tokens
+    assert [len(t) for t in by_callback] == [3, 3, 3] and by_callback[1] == greedy[1][:3]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(mode="lazy"), "mode must be one of"),
+    (dict(sampling=None, max_new_tokens=-1), "max_new_tokens must be >= 0"),
+])
+def test_bad_generation_arguments(model, options, message):
+    options = {"max_new_tokens": NEW, **options}
+    with pytest.raises(ValueError, match=message):
+        generate_tokens(model, PROMPTS, options.pop("max_new_tokens"), **options)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"), ("top_k", -2, "top_k")])
+def test_bad_sampling_settings(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**{field: value})
