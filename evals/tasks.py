@@ -7,7 +7,7 @@ model that ignores the question would get (the chance level).
 
 Built-in tasks, all available offline:
 
-- `capitals`: closed-book QA, "What is the capital of X?", one-shot in the paper's format.
+- `capitals`: closed-book QA, "What is the capital of X?", three-shot in the paper's Q/A format.
 - `fanoutqa`: single-hop factoid questions from the FanOutQA dev set (fetched from its PyPI wheel).
 - `context-qa`: reading comprehension over generated passages about invented people, towns,
   companies and ships, so the answer can only come from the passage.
@@ -211,7 +211,10 @@ def make_summarization_task(name: str, examples: Sequence[Example], description:
 
 # --- capitals --------------------------------------------------------------------------------
 
-CAPITALS_SHOT = Example("capitals-shot-spain", {"country": "Spain"}, ("Madrid",))
+# Three demonstrations: the paper used one, but SmolLM2-135M answers barely 10% of the items after a
+# single shot (it tends to repeat the country) and about half after three.
+CAPITALS_SHOTS = tuple(Example(f"capitals-shot-{country.lower()}", {"country": country}, (capital,))
+                       for country, capital in (("Spain", "Madrid"), ("Japan", "Tokyo"), ("Kenya", "Nairobi")))
 
 
 def _slug(text: str) -> str:
@@ -219,33 +222,41 @@ def _slug(text: str) -> str:
 
 
 def capitals() -> Task:
-    """Closed-book QA in the paper's one-shot form, on one line:
+    """Closed-book QA in the paper's question-answer form, three-shot:
 
-        Q: What is the capital of Spain? A: Madrid Q: What is the capital of France? A:
+        Q: What is the capital of Spain?
+        A: Madrid
 
-    Spain is the demonstration and is not among the items. Countries whose capital shares a word
+        (Japan, Kenya likewise)
+
+        Q: What is the capital of France?
+        A:
+
+    The demonstration countries are not among the items. Countries whose capital shares a word
     with the country's name (Mexico City, Kuwait City, Tunis) are left out of the data: copying from
     the question would answer them, and the experiment is about what previous tokens carry.
     """
-    rows = json.loads((DATA_DIR / "capitals.json").read_text(encoding="utf-8"))
+    shown = {shot.fields["country"] for shot in CAPITALS_SHOTS}
+    rows = [row for row in json.loads((DATA_DIR / "capitals.json").read_text(encoding="utf-8"))
+            if row["country"] not in shown]
     examples = tuple(
         Example(f"capitals-{_slug(row['country'])}", {"country": row["country"]}, (row["capital"], *row["aliases"]))
         for row in rows
     )
     return Task(
         name="capitals",
-        description="Closed-book QA: the capital city of a country, one-shot in the paper's format.",
-        template="Q: What is the capital of {country}? A:",
+        description="Closed-book QA: the capital city of a country, three-shot, in the paper's Q/A format.",
+        template="Q: What is the capital of {country}?\nA:",
         examples=examples,
         metric="squad",
         primary="exact_match",
         max_new_tokens=10,
         stop=("\n", "Q:"),
-        shots=(CAPITALS_SHOT,),
-        shot_separator=" ",
+        shots=CAPITALS_SHOTS,
+        shot_separator="\n\n",
         source="evals/data/capitals.json, compiled for minillm (capitals and common alternative names)",
         licence="Apache-2.0 (project data; the facts themselves are public knowledge)",
-        credit="Prompt format from Ben-Artzy & Schwartz (2024), Attend First, Consolidate Later.",
+        credit="Prompt format after Ben-Artzy & Schwartz (2024), Attend First, Consolidate Later.",
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from evals.metrics import normalize_answer, split_sentences
 from evals.tasks import (
-    CAPITALS_SHOT,
+    CAPITALS_SHOTS,
     FACTOID_SHOTS,
     READING_SHOT,
     SUMMARY_SHOT,
@@ -137,17 +137,19 @@ def test_chance_is_a_level_below_answering_with_the_gold(tasks, name):
 
 # --- capitals --------------------------------------------------------------------------------
 
-def test_capitals_prompt_is_the_papers_one_shot_form(tasks):
+def test_capitals_prompt_is_the_papers_qa_form_three_shot(tasks):
     capitals = tasks["capitals"]
     france = next(example for example in capitals.examples if example.fields["country"] == "France")
-    assert capitals.prompt(france) == "Q: What is the capital of Spain? A: Madrid Q: What is the capital of France? A:"
-    assert capitals.score(" Paris Q: What is the capital of Italy? A: Rome", france)["exact_match"] == 1.0
-    assert capitals.shots == (CAPITALS_SHOT,)
+    assert capitals.prompt(france) == (
+        "Q: What is the capital of Spain?\nA: Madrid\n\nQ: What is the capital of Japan?\nA: Tokyo\n\n"
+        "Q: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the capital of France?\nA:")
+    assert capitals.score(" Paris\n\nQ: What is the capital of Italy?\nA: Rome", france)["exact_match"] == 1.0
+    assert capitals.shots == CAPITALS_SHOTS
 
 
-def test_capitals_excludes_spain_and_answers_hidden_in_the_question(tasks):
+def test_capitals_excludes_the_shots_and_answers_hidden_in_the_question(tasks):
     examples = tasks["capitals"].examples
-    assert "Spain" not in {example.fields["country"] for example in examples}
+    assert not {"Spain", "Japan", "Kenya"} & {example.fields["country"] for example in examples}
     for example in examples:
         country_words = normalize_answer(example.fields["country"]).split()
         for gold in example.golds:
