@@ -1,0 +1,96 @@
+"""The paper's figures: score vs k for each manipulation, and the swap heat-map.
+
+Every figure is written as a PNG with its numbers next to it in a CSV of the same name, so a
+figure can be checked, or redrawn with another tool, without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from evals.swap import SwapRates  # noqa: E402
+from evals.sweep import TaskSummary  # noqa: E402
+
+KIND_STYLE = {  # one colour and marker per manipulation, the same in every panel
+    "random": dict(color="tab:red", marker="o"),
+    "freeze": dict(color="tab:blue", marker="s"),
+    "skip_attention": dict(color="tab:green", marker="^"),
+}
+
+
+def plot_curves(summaries: dict[str, TaskSummary], path: Path) -> list[Path]:
+    """One panel per task: mean score vs k/L for each manipulation, with baseline and chance lines.
+
+    Writes `path` (PNG) and the same name with .csv: task, kind, k, k/L, score, count.
+    """
+    columns = min(len(summaries), 2)
+    rows = math.ceil(len(summaries) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
+    for axis, summary in zip(axes.flat, summaries.values()):
+        L = summary.num_layers
+        for kind, points in summary.curves.items():
+            axis.plot([p.k / L for p in points], [p.score for p in points], label=kind, markersize=4,
+                      **KIND_STYLE.get(kind, {}))
+        axis.axhline(summary.baseline.score, color="black", linestyle="--", linewidth=1, label="baseline")
+        axis.axhline(0.9 * summary.baseline.score, color="grey", linestyle=":", linewidth=1, label="90% of baseline")
+        axis.axhline(summary.chance, color="tab:purple", linestyle="-.", linewidth=1, label="chance")
+        axis.set_title(f"{summary.task} ({summary.baseline.count} examples)")
+        axis.set_xlabel(f"k / L   (manipulated from layer k up; L = {L})")
+        axis.set_ylabel(summary.metric)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(bottom=0)
+        layer_axis = axis.secondary_xaxis("top", functions=(lambda x, L=L: x * L, lambda k, L=L: k / L))
+        layer_axis.set_xlabel("k")
+    for axis in list(axes.flat)[len(summaries):]:
+        axis.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom strip to the shared legend
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+    table = path.with_suffix(".csv")
+    with open(table, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["task", "kind", "k", "k_over_L", "score", "count"])
+        for summary in summaries.values():
+            writer.writerow([summary.task, "baseline", summary.num_layers, 1.0, summary.baseline.score,
+                             summary.baseline.count])
+            writer.writerow([summary.task, "chance", "", "", summary.chance, ""])
+            for kind, points in summary.curves.items():
+                for p in points:
+                    writer.writerow([summary.task, kind, p.k, p.k / summary.num_layers, p.score, p.count])
+    return [path, table]
+
+
+def plot_swap(rates: SwapRates, path: Path) -> list[Path]:
+    """The swap heat-map in the paper's style: rows original / injected answer, columns k, colour = rate.
+
+    Writes `path` (PNG) and the same name with .csv: k, k/L, original rate, injected rate.
+    """
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.32 * len(rates.ks) + 2), 2.4))
+    image = axis.imshow([rates.original, rates.injected], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axis.set_yticks([0, 1], ["original\nanswer", "injected\nanswer"])
+    axis.set_xticks(range(len(rates.ks)), [str(k) for k in rates.ks], fontsize=7)
+    axis.set_xlabel(f"k: the swap happens at the input of layer k (k = {rates.num_layers}: no swap)")
+    axis.set_title(f"Swap: country token replaced by another country's state ({rates.pairs} pairs)")
+    figure.colorbar(image, ax=axis, label="rate")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+    table = path.with_suffix(".csv")
+    with open(table, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["k", "k_over_L", "original", "injected", "pairs"])
+        for k, original, injected in zip(rates.ks, rates.original, rates.injected):
+            writer.writerow([k, k / rates.num_layers, original, injected, rates.pairs])
+    return [path, table]
