@@ -94,6 +94,8 @@ def fmt(value: float) -> str:
 def cell(text: str, width: int = 70) -> str:
     """Text fit for a markdown table cell: one line, no pipes, at most `width` characters."""
     text = " ".join(text.split()).replace("|", "/")
+    if not text:
+        return "(empty)"
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -203,8 +205,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         timing = json.loads(timing_path.read_text())
         settings = timing["settings"]
         lines.append(f"Run time: {timing['total_s'] / 60:.1f} min (sweep {timing['sweep_s'] / 60:.1f}, swap "
-                     f"{timing['swap_s'] / 60:.1f}) on {settings['device']}, threads {settings['threads'] or 'default'}, "
-                     f"batch size {settings['batch_size']}, layers {settings['layers']}.")
+                     f"{timing['swap_s'] / 60:.1f}; CPU time {timing['cpu_s'] / 60:.1f}) on {settings['device']}, "
+                     f"threads {settings['threads'] or 'default'}, batch size {settings['batch_size']}, "
+                     f"layers {settings['layers']}.")
     lines += [
         "",
         "## The paper's claims",

@@ -1,4 +1,4 @@
-"""The swap experiment: give "France" the hidden state of "Italy" from layer k up; which capital comes out?
+"""The swap experiment: give "France" the hidden state of "Italy" at layer k; which capital comes out?
 
 The paper's example: in the one-shot prompt
 
@@ -16,9 +16,8 @@ lenient `accuracy` metric ("Rome, Italy" counts as Rome).
 
 Choices, and why:
 
-- Prompt: the capitals task's demonstration and question, with a line break after the
-  demonstration. On one line, as in `evals.tasks.capitals`, SmolLM2-135M answers no question
-  at all correctly (it repeats the country or writes "A:"), with the line break 28%.
+- Prompt: the capitals task's (`evals.tasks.capitals`: the paper's Q/A form, with three
+  demonstrations because SmolLM2-135M answers few questions after one).
 - Which pairs: only countries whose name is a single token in the prompt and in the donor
   prompt, so one state is swapped for one state and nothing of the original name is left
   behind (a multi-token name would keep its other tokens, a half-swap). And only countries whose
@@ -63,9 +62,9 @@ DONOR_TEMPLATE = "The country {country}"
 
 
 def swap_task(limit: int | None = None) -> Task:
-    """The capitals task with the demonstration on its own line (see the module docstring), scored leniently."""
+    """The capitals task (its first `limit` countries), scored leniently: does the answer name the capital?"""
     task = capitals()
-    return dataclasses.replace(task, name=TASK_NAME, shot_separator="\n", metric="accuracy", primary="accuracy",
+    return dataclasses.replace(task, name=TASK_NAME, metric="accuracy", primary="accuracy",
                                examples=task.examples[:limit])
 
 

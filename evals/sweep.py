@@ -304,7 +304,11 @@ def reached_stop(text: str, stop: Sequence[str]) -> bool:
 
 def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, manipulation: Manipulation | None,
                      reuse: Prefill) -> list[str]:
-    """Greedy generations (decoded, stop token dropped) for a batch, starting from its prefill."""
+    """Greedy generations (decoded, stop token dropped) for a batch, starting from its prefill.
+
+    efficient=True lets freeze and skip_attention skip the work whose result nobody reads (the same
+    tokens, less compute): see `generate_tokens`.
+    """
     task = batch.task
     result = generate_tokens(
         model, batch.prompts, task.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,

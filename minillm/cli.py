@@ -50,10 +50,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # `minillm reproduce` on the embedded SmolLM2-135M: sized to finish in about 15 minutes on 2 CPU cores.
 # Summarization costs the most per example (250-token articles, up to 100 new tokens), context-qa next.
-REPRODUCE_LIMITS = {"capitals": 48, "context-qa": 16, "fanoutqa": 48, "summarization": 8}
+REPRODUCE_LIMITS = {"capitals": 40, "context-qa": 16, "fanoutqa": 40, "summarization": 8}
 REPRODUCE_KINDS = ("random", "freeze", "skip_attention")
 REPRODUCE_LAYERS = "0::3"  # every 3rd layer from 0, and always k = L (the baseline)
-REPRODUCE_SWAP_LAYERS = "all"  # cheap: short prompts, a few new tokens
+REPRODUCE_SWAP_LAYERS = "all"  # cheap: 60-token prompts, answers of a few tokens
 
 
 def comma_list(text: str) -> list[str]:
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--task", required=True, help="comma-separated built-in tasks: capitals, context-qa, fanoutqa, "
                                                      "summarization")
     sweep.add_argument("--manipulation", required=True,
-                       help="comma-separated kinds: random, freeze, skip_attention (freeze's k=0 runs as k=1)")
+                       help="comma-separated kinds: random, freeze, skip_attention (freeze's k=0 runs as k=1); "
+                            "swap needs donors: use `minillm swap`")
     add_sweep_arguments(sweep, batch_size=16)
     sweep.add_argument("--seeds", type=int, default=1, help="random: seeds 0..N-1 (other kinds are deterministic)")
     sweep.add_argument("--limit", type=int, help="N examples of each task, spread evenly over it (default: all)")

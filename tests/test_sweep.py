@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from evals.report import crossover_layer, recovery_layer, verdict, write_report
+from evals.report import crossover_layer, recovery_layer, verdict
 from evals.swap import SwapRates
-from evals.sweep import LayerGrid, Point, evenly_spaced, Shard, SweepError, TaskSummary, aggregate, load_results, run_sweep
+from evals.sweep import (LayerGrid, Point, Shard, SweepError, TaskSummary, aggregate, evenly_spaced, load_results,
+                         run_sweep)
 from evals.tasks import TASKS, get_task
 from minillm.checkpoint import load_model
 from minillm.cli import main
@@ -254,12 +255,7 @@ def test_swap_crossover_is_where_the_original_answer_wins_from_then_on():
 # ----------------------------------------------------------------------------- SmolLM2-135M
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task_name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="SmolLM2-135M answers no capitals question on the one-line one-shot prompt "
-                            "(0/48: it repeats the country or writes 'A:'); with a line break after the "
-                            "demonstration it answers 28%")) if name == "capitals" else name
-    for name in TASKS])
+@pytest.mark.parametrize("task_name", TASKS)
 def test_smollm2_baseline_beats_chance_on_every_builtin_task(smollm2_dir, tmp_path, task_name):
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     sizes = {"capitals": 8, "fanoutqa": 16, "context-qa": 6, "summarization": 4}  # ~1 minute in all on 2 cores

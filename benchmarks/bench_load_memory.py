@@ -1,0 +1,325 @@
+"""Peak memory of `minillm.checkpoint.load_model` on a 7B-shape checkpoint, against the size of the weights.
+
+What is measured
+    `load_model` promises never to hold two copies of the weights: it builds the
+    model on the meta device and reads each tensor from disk into its final
+    memory, one at a time. So loading should peak at about 1x the weights (plus
+    the Python/torch baseline and one tensor in flight), not 2x.
+
+How
+    1. A checkpoint with the Llama-2-7B shape (32 layers, hidden 4096, MLP 11008,
+       32 heads, vocabulary 32000, untied embeddings) and random bf16 weights is
+       written into a temporary folder as sharded safetensors with an index
+       (~13.5 GB). It is written tensor by tensor, straight to disk, so the writer
+       itself never holds more than one tensor.
+    2. A fresh Python process (nothing else loaded in it) imports torch and minillm,
+       notes its resident memory, calls `load_model(folder, dtype=...)`, and reports
+       its peak resident memory two ways: `getrusage(RUSAGE_SELF).ru_maxrss` and
+       VmHWM from /proc/self/status. VmHWM is the trustworthy one: Linux may carry
+       ru_maxrss over from the parent process across fork/exec.
+    3. The same for fp32 (bf16 files cast to fp32 as they are read). The full 7B in
+       fp32 is ~27 GB, more than this 24 GiB machine has, so that run uses the same
+       shape with half the layers (16; ~7 GB on disk, ~14 GB in fp32).
+    4. The checkpoints are deleted at the end (unless --keep-dir).
+
+The folder is read through the page cache; those pages are not part of the
+process's resident memory (the loader reads, it does not memory-map).
+
+Run
+    python benchmarks/bench_load_memory.py                    # both runs, temp folders deleted at the end
+    python benchmarks/bench_load_memory.py --keep-dir /data/ckpt   # keep (and on reruns reuse) the checkpoints
+    python benchmarks/bench_load_memory.py --runs bfloat16 --layers 4   # a quick, small check
+Needs about 14 GB of free disk (checked first) and about 15 GB of free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB = 1e9
+GIB = 2 ** 30
+
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep-dir", default=None,
+                        help="write the checkpoints under this folder and keep them; a later run with the same "
+                             "folder reuses them instead of writing again")
+    parser.add_argument("--runs", default="bfloat16,float32",
+                        help="load dtypes to measure, comma-separated (default bfloat16,float32)")
+    parser.add_argument("--layers", type=int, default=32, help="layers of the bf16 run (default 32: the 7B shape)")
+    parser.add_argument("--fp32-layers", type=int, default=16,
+                        help="layers of the fp32 run (default 16: half the 7B, so that fp32 fits in RAM)")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="target shard size in GB (default 2)")
+    parser.add_argument("--force", action="store_true",
+                        help="load even when /proc/meminfo says there is not enough memory available")
+    parser.add_argument("--child", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# ----------------------------------------------------------------------------- writing the checkpoint
+
+def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a Llama checkpoint, in Hugging Face names and order."""
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
+    shapes = [("model.embed_tokens.weight", (v, d))]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (d,)),
+                   (p + "self_attn.q_proj.weight", (d, d)),
+                   (p + "self_attn.k_proj.weight", (kv, d)),
+                   (p + "self_attn.v_proj.weight", (kv, d)),
+                   (p + "self_attn.o_proj.weight", (d, d)),
+                   (p + "post_attention_layernorm.weight", (d,)),
+                   (p + "mlp.gate_proj.weight", (f, d)),
+                   (p + "mlp.up_proj.weight", (f, d)),
+                   (p + "mlp.down_proj.weight", (d, f))]
+    shapes += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+    return shapes
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def split_into_shards(shapes, bytes_per_element: int, shard_bytes: float) -> list[list]:
+    """Consecutive groups of tensors of about shard_bytes each."""
+    shards, current, size = [], [], 0
+    for name, shape in shapes:
+        nbytes = numel(shape) * bytes_per_element
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def write_safetensors_streaming(path: Path, tensors, make_tensor) -> int:
+    """Write a bf16 safetensors file whose tensors are made one at a time by make_tensor(name, shape).
+
+    The safetensors layout: 8-byte little-endian header length, a JSON header giving
+    each tensor's dtype, shape and byte range, then the raw data, in that order.
+    Since every size is known from the shapes, the header goes first and each
+    tensor is written (and freed) as soon as it is made.
+    """
+    import torch
+    header, offset = {}, 0
+    for name, shape in tensors:
+        nbytes = numel(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, shape in tensors:
+            tensor = make_tensor(name, shape)
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # the raw bytes, no copy
+            del tensor
+    return path.stat().st_size
+
+
+def write_checkpoint(folder: Path, config: dict, shard_gb: float) -> int:
+    """A sharded bf16 safetensors checkpoint with random weights; returns the bytes written."""
+    import torch
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def make_tensor(name, shape):
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+
+    shards = split_into_shards(tensor_shapes(config), 2, shard_gb * GB)
+    weight_map, total = {}, 0
+    start = time.perf_counter()
+    for i, tensors in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors_streaming(folder / name, tensors, make_tensor)
+        weight_map.update({tensor_name: name for tensor_name, _ in tensors})
+        print(f"    shard {i}/{len(shards)}: {name} ({total / GB:.1f} GB so far, "
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "COMPLETE").write_text("written by benchmarks/bench_load_memory.py\n")  # marks a finished write
+    return total
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- measuring (in a child process)
+
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def child_main(folder: str, dtype_name: str) -> None:
+    """Runs in the fresh process: load the checkpoint and print one JSON line of memory figures."""
+    import resource
+
+    import torch
+    from minillm.checkpoint import load_model
+
+    baseline_kb = proc_status_kb("VmRSS")  # Python, torch and minillm imported, nothing loaded yet
+    start = time.perf_counter()
+    model = load_model(folder, dtype=getattr(torch, dtype_name))
+    seconds = time.perf_counter() - start
+    unique = {id(p): p for p in model.parameters()}.values()
+    print(json.dumps({
+        "baseline_kb": baseline_kb,
+        "vmhwm_kb": proc_status_kb("VmHWM"),
+        "vmrss_after_kb": proc_status_kb("VmRSS"),
+        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in unique),
+        "parameters": sum(p.numel() for p in unique),
+        "load_seconds": seconds,
+    }))
+
+
+def measure(folder: Path, dtype_name: str) -> dict:
+    """Run child_main in a fresh interpreter and return its figures."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", str(folder), dtype_name]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the loading process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the runs
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def check_disk(where: Path, needed: float) -> None:
+    """Refuse to start when the disk holding `where` has less than `needed` bytes free (as df reports)."""
+    where.mkdir(parents=True, exist_ok=True)
+    df = subprocess.run(["df", "-h", str(where)], capture_output=True, text=True).stdout.strip()
+    free = shutil.disk_usage(where).free
+    print(f"disk: {free / GB:.1f} GB free where the checkpoints go ({where}); up to {needed / GB:.1f} GB needed\n"
+          + "\n".join("    " + line for line in df.splitlines()))
+    if free < needed:
+        raise SystemExit(f"not enough free disk under {where}: {free / GB:.1f} GB free, {needed / GB:.1f} GB needed. "
+                         f"Free some space or pass --keep-dir on a larger disk.")
+
+
+def one_run(root: Path, dtype_name: str, layers: int, shard_gb: float, keep: bool, force: bool) -> dict:
+    """Write (or reuse) the checkpoint with `layers` layers, load it as dtype_name in a child, report."""
+    config = dict(LLAMA2_7B, num_hidden_layers=layers)
+    folder = root / f"llama2-7b-shape-{layers}layers-bf16"
+    if (folder / "COMPLETE").is_file() and json.loads((folder / "config.json").read_text()) == config:
+        print(f"  reusing {folder}")
+        file_bytes = checkpoint_bytes(folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # a partial write from an interrupted run
+        expected = sum(numel(shape) for _, shape in tensor_shapes(config)) * 2
+        print(f"  writing {layers}-layer checkpoint ({expected / GB:.1f} GB, random bf16) to {folder}")
+        file_bytes = write_checkpoint(folder, config, shard_gb)
+
+    in_memory = file_bytes * (2 if dtype_name == "float32" else 1)  # roughly: the headers are a few KB
+    available = available_memory_bytes()
+    print(f"  loading it as {dtype_name} in a fresh process (~{in_memory / GB:.1f} GB of weights; "
+          f"{available / GB:.1f} GB of memory available now) ...", flush=True)
+    if available < in_memory + 1 * GB and not force:
+        # Running out of memory would bring in the OOM killer, which may pick someone else's process.
+        raise SystemExit(f"  not enough free memory to load {in_memory / GB:.1f} GB safely ({available / GB:.1f} GB "
+                         f"available). Close other programs, use --layers/--fp32-layers for a smaller shape, or "
+                         f"pass --force.")
+    figures = measure(folder, dtype_name)
+    if not keep:
+        shutil.rmtree(folder)
+        print(f"  deleted {folder}")
+    return dict(figures, dtype=dtype_name, layers=layers, file_bytes=file_bytes)
+
+
+def report(results: list[dict]) -> None:
+    print(f"\n{'load dtype':10} {'layers':>6} {'params':>7} {'files GB':>9} {'weights GB':>10} "
+          f"{'baseline GB':>11} {'VmHWM GB':>9} {'ru_maxrss GB':>12} {'(VmHWM-base)/weights':>21} {'load s':>7}")
+    for r in results:
+        weights = r["weights_bytes"]
+        hwm, base, maxrss = r["vmhwm_kb"] * 1024, r["baseline_kb"] * 1024, r["ru_maxrss_kb"] * 1024
+        print(f"{r['dtype']:10} {r['layers']:6d} {r['parameters'] / 1e9:6.2f}B {r['file_bytes'] / GB:9.2f} "
+              f"{weights / GB:10.2f} {base / GB:11.2f} {hwm / GB:9.2f} {maxrss / GB:12.2f} "
+              f"{(hwm - base) / weights:20.3f}x {r['load_seconds']:7.1f}")
+    print("GB = 1e9 bytes. weights: the loaded parameters' bytes; baseline: resident memory of the fresh process "
+          "after importing torch and minillm, before loading.\nTarget: peak ~1x the weights "
+          "((VmHWM - baseline) / weights close to 1.0; 2.0 would mean a second copy).")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(*args.child)
+        return
+
+    keep = args.keep_dir is not None
+    runs = [name.strip() for name in args.runs.split(",")]
+    for name in runs:
+        if name not in ("bfloat16", "float32"):
+            raise SystemExit(f"--runs: unknown dtype {name!r} (bfloat16 or float32)")
+    layers = {"bfloat16": args.layers, "float32": args.fp32_layers}
+    # Each checkpoint is deleted before the next is written (unless kept): the largest one must fit.
+    sizes = [sum(numel(s) for _, s in tensor_shapes(dict(LLAMA2_7B, num_hidden_layers=layers[n]))) * 2 for n in runs]
+    needed = sum(sizes) if keep else max(sizes)
+
+    root = Path(args.keep_dir) if keep else Path(tempfile.mkdtemp(prefix="minillm-load-memory-"))
+    results = []
+    try:
+        check_disk(root, needed * 1.02)
+        for number, name in enumerate(runs, 1):
+            print(f"\n[{number}/{len(runs)}] load as {name}, {layers[name]} layers")
+            results.append(one_run(root, name, layers[name], args.shard_gb, keep, args.force))
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
