@@ -151,7 +151,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minillm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the output")
