@@ -54,9 +54,9 @@ How it is timed
     a greedy choice between two near-tied tokens may differ; the report counts such cases.
 
 Run
-    python benchmarks/bench_sweep.py          # capitals=16, context-qa=4, k in 0,15 (+ baseline); ~10 min
+    python benchmarks/bench_sweep.py          # capitals=16, context-qa=4, k in 0,15 (+ baseline); 5 min CPU
     python benchmarks/bench_sweep.py --limit capitals=64,context-qa=16 --layers 0,10,20 --paper-every 8
-    python benchmarks/bench_sweep.py --limit capitals=2,context-qa=1 --stride 1    # every k, tiny
+    python benchmarks/bench_sweep.py --limit capitals=2,context-qa=1 --stride 1    # every k: ~12 min CPU
 """
 
 from __future__ import annotations
