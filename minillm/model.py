@@ -154,12 +154,20 @@ class Attention(nn.Module):
             k, v = cache.keys[layer, :, :, :slot + T], cache.values[layer, :, :, :slot + T]
         # GQA: key/value head j serves query heads j*g .. j*g+g-1
         groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        Tq = x.shape[1]
+        if Tq == 1:
+            # One query per sequence (every decoding step): the g query heads of key/value head j take
+            # the place of query positions, so the cached keys/values are read as they are, not copied
+            # g times. The mask [B, 1, 1, T_keys] is the same for all of them.
+            q = q.view(B, self.num_kv_heads, groups, self.head_dim)
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if self.implementation == "math":
             out = math_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, x.shape[1], self.num_heads * self.head_dim)
+        out = out.reshape(B, self.num_heads, Tq, self.head_dim)  # [B, heads, Tq, hd]
+        out = out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 

@@ -130,9 +130,12 @@ def test_sliding_window_changes_logits_and_is_exactly_w_keys(tmp_path):
     assert (logits[window + 1][:, window + 1:] - logits[window][:, window + 1:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
-def test_kv_cache_decoding_equals_full_recomputation(tmp_path, name):
+def test_kv_cache_decoding_equals_full_recomputation(tmp_path, name, attention):
+    # single-query steps pack the query heads of each key/value head (no repeat_interleave): same logits
     ours = load_model(save(make_hf(name), tmp_path, "single"))
+    ours.set_attention(attention)
     ids = token_batch(batch=2, length=24)
     with torch.no_grad():
         full = ours(ids)
