@@ -298,11 +298,15 @@ class Transformer(nn.Module):
         from `states_below`, the unmanipulated H of the same tokens (with a cache, the
         unmanipulated keys/values of those layers must already be in it: see KVCache.rewind).
 
-        efficient: for freeze, compute previous tokens only as far as anyone reads them (keys/values
-        from layer k-1 up, no attention or MLP): same last-position logits, which are all it returns.
+        efficient: compute previous tokens only as far as anyone reads them, for the same last-position
+        logits, which are all it returns. freeze: from layer k-1 up, previous tokens get keys/values
+        only (no attention, no MLP). skip_attention: from layer k up, no token reads another, so only
+        the last one goes on (and a cache needs layers below k only).
         """
         B, T = input_ids.shape
         L = self.config.num_layers
+        if efficient and output_hidden_states:
+            raise ValueError("efficient computes the last position only; it cannot return hidden states")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(torch.bool)
@@ -319,6 +323,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids) if start_layer == 0 else states_below[start_layer]
         states = list(states_below[:start_layer]) if output_hidden_states and start_layer else []
         freezing = manipulation is not None and manipulation.kind == "freeze" and k < L
+        skipping_efficiently = efficient and manipulation is not None and manipulation.kind == "skip_attention"
         frozen = states_below[k - 1] if start_layer and freezing else None
         newest_at_k = None
         for j in range(start_layer, L):
@@ -327,6 +332,8 @@ class Transformer(nn.Module):
                 frozen = x  # H[k-1]: what previous tokens keep from layer k on
             if j == k:
                 newest_at_k = x[:, -1:]
+                if skipping_efficiently:
+                    x = x[:, -1:]  # the previous tokens' states above k would never be read
             edit = edits(j, frozen)
             x = block.manipulate(x, edit)  # H[j]
             if output_hidden_states:

@@ -75,26 +75,30 @@ def test_prefix_reuse_refuses_a_prefill_of_another_shape(model):
 @pytest.mark.parametrize("mode", ["cached", "faithful"])
 @pytest.mark.parametrize("kind, k", [("freeze", 1), ("freeze", 2), ("freeze", LAYERS - 1),
                                      ("skip_attention", 0), ("skip_attention", 2)])
-def test_efficiency_mode_gives_the_manipulated_models_logits(model, mode, kind, k):
+@pytest.mark.parametrize("reuse", [False, True], ids=["", "reuse"])
+def test_efficiency_mode_gives_the_manipulated_models_logits(model, mode, kind, k, reuse):
     manipulation = Manipulation(kind, k)
     plain = run(model, manipulation, mode=mode)
-    efficient = run(model, manipulation, mode=mode, efficient=True)
+    reused = prefill(model, PROMPTS, NEW, mode=mode) if reuse else None
+    efficient = run(model, manipulation, mode=mode, efficient=True, reuse=reused)
     assert efficient.tokens == plain.tokens
     torch.testing.assert_close(efficient.logits, plain.logits, rtol=0, atol=1e-5)
 
 
-def test_efficient_freeze_skips_previous_tokens_mlp_from_layer_k_minus_1(model):
-    """The saving is real: MLPs of layers >= k-1 see only the last position."""
+@pytest.mark.parametrize("kind, first_single", [("freeze", 1), ("skip_attention", 2)])
+def test_efficiency_mode_runs_the_mlp_on_the_last_position_only_where_nobody_reads_the_rest(model, kind, first_single):
+    """The saving is real. k = 2: freeze from layer k-1 (its previous tokens' outputs are overwritten by
+    H[k-1]), skip_attention from layer k (no attention reads previous tokens there)."""
     seen = {}
     hooks = [block.mlp.register_forward_pre_hook(lambda module, args, j=j: seen.__setitem__(j, args[0].shape[1]))
              for j, block in enumerate(model.layers)]
     try:
         ids = torch.tensor([PROMPTS[2]])
-        model(ids, manipulation=Manipulation("freeze", 2), efficient=True)
+        model(ids, manipulation=Manipulation(kind, 2), efficient=True)
     finally:
         for hook in hooks:
             hook.remove()
-    assert seen == {0: len(PROMPTS[2]), 1: 1, 2: 1, 3: 1}
+    assert seen == {j: len(PROMPTS[2]) if j < first_single else 1 for j in range(LAYERS)}
 
 
 def test_efficient_skip_attention_keeps_no_cache_above_k(model):
