@@ -75,7 +75,7 @@ def _new_cache(model: Transformer, batch_size: int, length: int, num_layers: int
 @dataclass
 class Generation:
     tokens: list[list[int]]  # new tokens of each sequence, up to and including its stop token
-    logits: torch.Tensor | None = None  # [B, steps, V] fp32, when asked for
+    logits: torch.Tensor | None = None  # [B, steps, V] fp32, when asked for; NaN after a sequence stopped
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
 
     A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
     `on_token(sequence_index, token)` is called as tokens are chosen (for streaming).
-    `reuse`: the `prefill` of these same prompts; the first pass then starts at the manipulated layer.
+    `reuse`: the `prefill` of these same prompts; the first pass then starts at the manipulated layer
+    (and, for a swap with a cache, at the first swapped position).
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
     tokens only as far as anyone reads them; skip_attention keeps no KV cache for layers >= k.
     """
@@ -120,41 +121,47 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         if efficient and manipulation is not None and manipulation.kind == "skip_attention":
             cache_layers = manipulation.layer
         cache = _new_cache(model, B, input_ids.shape[1] + max_new_tokens, cache_layers) if mode == "cached" else None
-        first_pass = {}
+        column, first_pass = 0, {}
     else:
         if (reuse.cache is None) != (mode == "faithful") or reuse.input_ids.shape[0] != B:
             raise ValueError("reuse: the prefill was made for another batch or another mode")
         input_ids, attention_mask = reuse.input_ids, reuse.attention_mask
-        cache = None
+        cache, column = None, 0
         if mode == "cached":
             cache = reuse.cache.clone()
-            cache.rewind()
             if cache.max_length < input_ids.shape[1] + max_new_tokens:
                 raise ValueError(f"reuse: the prefill's cache holds {cache.max_length} tokens, too few for "
                                  f"{max_new_tokens} new tokens")
+            if manipulation is not None and manipulation.kind == "swap":
+                column = first_swapped_column(manipulation, attention_mask)
+            cache.rewind(column)
         k = model.config.num_layers if manipulation is None else manipulation.layer
-        first_pass = {"start_layer": k, "states_below": reuse.states}
+        first_pass = {"start_layer": k, "states_below": reuse.states[:, :, column:]}
 
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    rows = list(range(B))  # which sequence each row of the batch is; finished ones are dropped
     eos = set(eos_ids)
     step_logits = []
-    step_input, step_mask = input_ids, attention_mask
+    step_input, step_mask = input_ids[:, column:], attention_mask[:, column:]
     for _ in range(max_new_tokens):
         logits = model(step_input, step_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
                        efficient=efficient, **first_pass)
         first_pass = {}
         logits = logits[:, -1].float()
-        if return_logits:
-            step_logits.append(logits)
         token = choose_next(logits, sampling, generator)
-        for b, t in enumerate(token.tolist()):
-            if done[b]:
+        if return_logits:  # [B, V]; NaN for sequences that have already stopped
+            live = [i for i, row in enumerate(rows) if not done[row]]
+            every_sequence = logits.new_full((B, logits.shape[-1]), float("nan"))
+            every_sequence[[rows[i] for i in live]] = logits[live]
+            step_logits.append(every_sequence)
+        for row, t in zip(rows, token.tolist()):
+            if done[row]:
                 continue
-            new_tokens[b].append(t)
+            new_tokens[row].append(t)
             if on_token is not None:
-                on_token(b, t)
-            done[b] = t in eos or (stop is not None and stop(new_tokens[b]))
+                on_token(row, t)
+            done[row] = t in eos or (stop is not None and stop(new_tokens[row]))
         if all(done):
             break
         if cache is None:  # faithful: rerun everything, the new token appended
@@ -163,8 +170,27 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             step_input, step_mask = input_ids, attention_mask
         else:
             step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
+        keep = [i for i, row in enumerate(rows) if not done[row]]
+        if len(keep) <= 0.75 * len(rows):
+            # A quarter of the rows has finished: stop computing them (each drop copies the cache, so
+            # not one at a time). Every row's numbers are its own, so the tokens stay the same.
+            index = torch.tensor(keep, device=device)
+            rows = [rows[i] for i in keep]
+            step_input, step_mask = step_input[index], step_mask[index]
+            input_ids, attention_mask = input_ids[index], attention_mask[index]
+            if cache is not None:
+                cache.keep_rows(index)
+            if manipulation is not None:
+                manipulation = manipulation.for_rows(index)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)
+
+
+def first_swapped_column(swap: Manipulation, attention_mask: torch.Tensor) -> int:
+    """The first column of a left-padded batch that a swap changes. Attention is causal, so every column
+    before it has the same states at every layer as without the swap: its cached keys/values stay valid."""
+    padding = attention_mask.shape[1] - attention_mask.sum(dim=1)
+    return min(int(padding.min()) + min(swap.positions), attention_mask.shape[1] - 1)
 
 
 def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:

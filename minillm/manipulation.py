@@ -17,7 +17,7 @@ k, the first decoder layer whose view of previous tokens is altered, and k = L
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -80,6 +80,12 @@ class Manipulation:
             bad = [p for p in self.positions if not 0 <= p < length]
             if bad:
                 raise ManipulationError(f"swap positions {bad} are outside sequence {b} of length {length}")
+
+    def for_rows(self, rows: torch.Tensor) -> "Manipulation":
+        """The same manipulation for these sequences of the batch only (per-sequence swap vectors selected)."""
+        if self.vectors is None or self.vectors.dim() == 2:
+            return self
+        return replace(self, vectors=self.vectors[rows.to(self.vectors.device)])
 
     def to_dict(self) -> dict:
         """A JSON-ready record (swap vectors are summarised by shape; `description` says where they came from)."""

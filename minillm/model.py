@@ -111,12 +111,17 @@ class KVCache:
                               for name, value in self.__dict__.items()})
         return copy
 
-    def rewind(self) -> None:
-        """Empty the cache's bookkeeping but keep the stored keys/values, so that a pass over the
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences of the batch (in this order): generation drops finished ones."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.key_valid, self.next_position = self.key_valid[rows], self.next_position[rows]
+
+    def rewind(self, slot: int = 0) -> None:
+        """Forget the tokens from `slot` on, but keep their stored keys/values, so that a pass over the
         same tokens with `start_layer=k` reuses those of the layers below k (prefix reuse in sweeps)."""
-        self.length = 0
-        self.key_valid.zero_()
-        self.next_position.zero_()
+        self.length = slot
+        self.key_valid[:, slot:] = False
+        self.next_position = self.key_valid.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- attention and MLP

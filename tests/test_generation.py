@@ -32,19 +32,26 @@ def model():
 
 def manipulations():
     donor = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(7))
+    # one vector per sequence, at position 2: with a cache, reuse starts at the swapped column
+    donor_per_sequence = torch.randn(len(PROMPTS), 1, WIDTH, generator=torch.Generator().manual_seed(8))
     for k in (0, 1, 2, LAYERS - 1):
         yield Manipulation("random", k, seed=3)
         yield Manipulation("skip_attention", k)
         yield Manipulation("swap", k, positions=(0, 2), vectors=donor)
+        yield Manipulation("swap", k, positions=(2,), vectors=donor_per_sequence)
         if k:
             yield Manipulation("freeze", k)
+
+
+def label(m: Manipulation) -> str:
+    return f"{m.kind}-k{m.layer}" + "".join(f"-at{p}" for p in m.positions)
 
 
 def run(model, manipulation, **options):
     return generate_tokens(model, PROMPTS, NEW, manipulation=manipulation, return_logits=True, **options)
 
 
-@pytest.mark.parametrize("manipulation", list(manipulations()), ids=lambda m: f"{m.kind}-k{m.layer}")
+@pytest.mark.parametrize("manipulation", list(manipulations()), ids=label)
 def test_cached_generation_equals_faithful_reruns(model, manipulation):
     faithful = run(model, manipulation, mode="faithful")
     cached = run(model, manipulation, mode="cached")
@@ -129,6 +136,31 @@ def test_generation_stops_per_sequence(model):
     assert stopped[0] == greedy[0][: greedy[0].index(stop_token) + 1]
     by_callback = generate_tokens(model, PROMPTS, NEW, stop=lambda tokens: len(tokens) == 3).tokens
     assert [len(t) for t in by_callback] == [3, 3, 3] and by_callback[1] == greedy[1][:3]
+
+
+@pytest.mark.parametrize("mode", ["cached", "faithful"])
+@pytest.mark.parametrize("manipulation", [None, Manipulation("freeze", 2), Manipulation("random", 1, seed=3),
+                                          Manipulation("swap", 1, positions=(0, 2), vectors=torch.randn(3, 2, WIDTH))],
+                         ids=["none", "freeze", "random", "swap-per-sequence"])
+def test_finished_sequences_leave_the_batch_and_the_others_go_on_as_if_alone(model, mode, manipulation):
+    limits = [1, 3, NEW]  # how many tokens each sequence generates before its stop rule fires
+    called_for = []  # on_token is called just before the stop rule, with the sequence index
+    batch_sizes = []
+    hook = model.layers[-1].register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        batched = generate_tokens(model, PROMPTS, NEW, manipulation=manipulation, mode=mode, return_logits=True,
+                                  on_token=lambda row, token: called_for.append(row),
+                                  stop=lambda tokens: len(tokens) >= limits[called_for[-1]])
+    finally:
+        hook.remove()
+    assert batch_sizes[-1] == 1  # the finished rows were really dropped
+    for row, limit in enumerate(limits):
+        alone_manipulation = manipulation and manipulation.for_rows(torch.tensor([row]))
+        alone = generate_tokens(model, [PROMPTS[row]], limit, manipulation=alone_manipulation, mode=mode,
+                                return_logits=True)
+        assert batched.tokens[row] == alone.tokens[0]
+        torch.testing.assert_close(batched.logits[row, :limit], alone.logits[0], rtol=0, atol=1e-4)
+        assert batched.logits[row, limit:].isnan().all()
 
 
 @pytest.mark.parametrize("options, message", [
