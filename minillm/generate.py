@@ -105,7 +105,10 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     `reuse`: the `prefill` of these same prompts; the first pass then starts at the manipulated layer
     (and, for a swap with a cache, at the first swapped position).
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
-    tokens only as far as anyone reads them; skip_attention keeps no KV cache for layers >= k.
+    tokens only as far as anyone reads them; skip_attention runs only the last position from layer k up
+    and keeps no KV cache there.
+    A sequence that has stopped leaves the batch (once a quarter of the rows have), so the others go on
+    without computing it (no row reads another, so only the rounding of a smaller batch can differ).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -173,7 +176,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         keep = [i for i, row in enumerate(rows) if not done[row]]
         if len(keep) <= 0.75 * len(rows):
             # A quarter of the rows has finished: stop computing them (each drop copies the cache, so
-            # not one at a time). Every row's numbers are its own, so the tokens stay the same.
+            # not one at a time).
             index = torch.tensor(keep, device=device)
             rows = [rows[i] for i in keep]
             step_input, step_mask = step_input[index], step_mask[index]
