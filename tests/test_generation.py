@@ -108,6 +108,12 @@ def test_efficiency_mode_runs_the_mlp_on_the_last_position_only_where_nobody_rea
     assert seen == {j: len(PROMPTS[2]) if j < first_single else 1 for j in range(LAYERS)}
 
 
+def test_efficiency_mode_refuses_to_return_hidden_states(model):
+    with pytest.raises(ValueError, match="cannot return hidden states"):
+        model(torch.tensor([PROMPTS[0]]), manipulation=Manipulation("freeze", 2), efficient=True,
+              output_hidden_states=True)
+
+
 def test_efficient_skip_attention_keeps_no_cache_above_k(model):
     from minillm.model import KVCache
 
@@ -140,7 +146,8 @@ def test_generation_stops_per_sequence(model):
 
 @pytest.mark.parametrize("mode", ["cached", "faithful"])
 @pytest.mark.parametrize("manipulation", [None, Manipulation("freeze", 2), Manipulation("random", 1, seed=3),
-                                          Manipulation("swap", 1, positions=(0, 2), vectors=torch.randn(3, 2, WIDTH))],
+                                          Manipulation("swap", 1, positions=(0, 2), vectors=torch.randn(
+                                              3, 2, WIDTH, generator=torch.Generator().manual_seed(9)))],
                          ids=["none", "freeze", "random", "swap-per-sequence"])
 def test_finished_sequences_leave_the_batch_and_the_others_go_on_as_if_alone(model, mode, manipulation):
     limits = [1, 3, NEW]  # how many tokens each sequence generates before its stop rule fires
