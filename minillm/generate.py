@@ -167,24 +167,23 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             done[row] = t in eos or (stop is not None and stop(new_tokens[row]))
         if all(done):
             break
-        if cache is None:  # faithful: rerun everything, the new token appended
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
-            step_input, step_mask = input_ids, attention_mask
-        else:
-            step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
         keep = [i for i, row in enumerate(rows) if not done[row]]
         if len(keep) <= 0.75 * len(rows):
             # A quarter of the rows has finished: stop computing them (each drop copies the cache, so
             # not one at a time).
             index = torch.tensor(keep, device=device)
             rows = [rows[i] for i in keep]
-            step_input, step_mask = step_input[index], step_mask[index]
-            input_ids, attention_mask = input_ids[index], attention_mask[index]
+            token, input_ids, attention_mask = token[index], input_ids[index], attention_mask[index]
             if cache is not None:
                 cache.keep_rows(index)
             if manipulation is not None:
                 manipulation = manipulation.for_rows(index)
+        if cache is None:  # faithful: rerun everything, the new token appended
+            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
+            step_input, step_mask = input_ids, attention_mask
+        else:
+            step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)
 
