@@ -33,11 +33,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 sums of squares lose too much), cast back, *then* scale:
-        # the order Hugging Face uses, so half-precision results round the same way.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in at least fp32 (bf16 sums of squares lose too much; fp64 stays fp64), cast back,
+        # *then* scale: the order Hugging Face uses, so half-precision results round the same way.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * wide.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
