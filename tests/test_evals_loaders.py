@@ -8,6 +8,7 @@ import pytest
 
 from evals.loaders import (
     DataError,
+    default_task_name,
     load_cnn_dailymail,
     load_hf_qa,
     load_hf_summarization,
@@ -16,7 +17,7 @@ from evals.loaders import (
     load_squad,
     load_xsum,
 )
-from evals.tasks import FACTOID_TEMPLATE, READING_SHOT, READING_TEMPLATE, SUMMARY_TEMPLATE
+from evals.tasks import FACTOID_TEMPLATE, READING_TEMPLATE, SUMMARY_TEMPLATE, with_shots
 
 SQUAD = {
     "version": "v2.0",
@@ -56,18 +57,21 @@ def jsonl(path, rows):
 # --- SQuAD -----------------------------------------------------------------------------------
 
 def test_load_squad(tmp_path):
-    task = load_squad(write(tmp_path / "dev.json", json.dumps(SQUAD, indent=1)))
-    assert task.name == "squad:dev" and task.template == READING_TEMPLATE and task.shots == (READING_SHOT,)
+    # Zero shots: all the data is scored (a reading task draws its demonstrations from its own data).
+    task = with_shots(load_squad(write(tmp_path / "dev.json", json.dumps(SQUAD, indent=1))), 0)
+    assert task.name == default_task_name(tmp_path / "dev.json") and task.template == READING_TEMPLATE
     assert [example.id for example in task.examples] == ["q1", "q3"]  # the unanswerable q2 is skipped
     first = task.examples[0]
     assert first.golds == ("1871", "in 1871")  # duplicates merged, order kept
     context = SQUAD["data"][0]["paragraphs"][0]["context"]
-    assert first.fields == {"question": "When was the lighthouse lit?", "passage": context}
+    assert first.fields == {"question": "When was the lighthouse lit?", "context": context}
     assert task.prompt(first).endswith(
         "Passage: The lighthouse at Cape Morrow was lit in 1871 and painted red in 1902.\n"
         "Question: When was the lighthouse lit?\nAnswer:")
     assert task.score("in 1871.", first)["exact_match"] == 1.0
-    assert [example.id for example in load_squad(tmp_path / "dev.json", limit=1).examples] == ["q1"]
+    with_one_shot = load_squad(tmp_path / "dev.json")
+    assert len(with_one_shot.shots) == 1 and len(with_one_shot.examples) == 1  # never all the data as shots
+    assert len(load_squad(tmp_path / "dev.json", limit=1).examples) == 1
 
 
 def test_load_squad_bad_json_names_file_and_line(tmp_path):
@@ -86,7 +90,7 @@ def test_load_squad_bad_json_names_file_and_line(tmp_path):
         (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers="1871"),
          r'qas\[0\]: field "answers" must be a list'),
         (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"].append(["1871"]),
-         r'qas\[0\]\.answers\[3\]: expected an object with field "text"'),
+         r'qas\[0\]: field "answers.text": answers\[3\] is not an object with field "text"'),
         (lambda d: d.pop("data"), r'missing field "data"'),
     ],
 )
@@ -108,14 +112,14 @@ def test_load_jsonl_qa_closed_book_and_with_context(tmp_path):
     path = jsonl(tmp_path / "mine.jsonl", rows)
 
     closed = load_jsonl_qa(path, question="q", answers="a")
-    assert closed.name == "qa:mine" and closed.template == FACTOID_TEMPLATE
+    assert closed.name == default_task_name(path) and closed.template == FACTOID_TEMPLATE
     assert [example.id for example in closed.examples] == ["mine-1", "mine-2", "mine-3"]
     assert [example.golds for example in closed.examples] == [("Lima",), ("N'Djamena", "Ndjamena"), ("100",)]
     assert closed.prompt(closed.examples[0]).endswith("\nQ: Capital of Peru?\nA:")
 
-    reading = load_jsonl_qa(path, question="q", answers="a", context="ctx", name="mine", limit=2)
-    assert reading.name == "mine" and reading.template == READING_TEMPLATE and len(reading.examples) == 2
-    assert reading.examples[1].fields == {"question": "Capital of Chad?", "passage": "Chad's capital is N'Djamena."}
+    reading = with_shots(load_jsonl_qa(path, question="q", answers="a", context="ctx", name="mine"), 0)
+    assert reading.name == "mine" and reading.template == READING_TEMPLATE and len(reading.examples) == 3
+    assert reading.examples[1].fields == {"question": "Capital of Chad?", "context": "Chad's capital is N'Djamena."}
 
 
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
@@ -131,7 +135,7 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         ({"question": "q?"}, r':3: missing field "answers"'),
         ({"question": "q?", "answers": {"a": 1}}, r':3: field "answers" must be a string or a list of strings'),
         ({"question": "q?", "answers": [["nested"]]}, r':3: field "answers" must be a string or a list of strings'),
-        ({"question": ["q?"], "answers": "a"}, r':3: field "question" must be a string, not list'),
+        ({"question": ["q?"], "answers": "a"}, r':3: field "question" must be a string, not a list'),
         (["question", "answers"], r":3: expected a JSON object, got list"),
     ],
 )
@@ -164,7 +168,7 @@ DOCUMENT = "The harbour wall at Kells was rebuilt after winter storms. Fishing b
 def test_load_xsum_and_cnn_dailymail_field_names(tmp_path):
     xsum_row = {"id": "x1", "document": DOCUMENT, "summary": "Kells wall rebuilt."}
     xsum = load_xsum(jsonl(tmp_path / "xsum.jsonl", [xsum_row]))
-    assert xsum.name == "xsum:xsum" and xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
+    assert xsum.name == default_task_name(tmp_path / "xsum.jsonl") and xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
     assert xsum.examples[0].id == "x1" and xsum.examples[0].golds == ("Kells wall rebuilt.",)
     assert xsum.prompt(xsum.examples[0]).endswith(f"Article: {DOCUMENT}\nSummary:")
 
@@ -184,7 +188,6 @@ def test_summarization_missing_field_names_file_and_line(tmp_path):
         load_jsonl_summarization(path)
     with pytest.raises(DataError, match=r'news\.jsonl:1: missing field "article"'):
         load_cnn_dailymail(path)
-    assert len(load_jsonl_summarization(path, limit=2).examples) == 2  # reading stops before the bad line
 
 
 def test_summarization_empty_summary_is_an_error(tmp_path):
@@ -197,7 +200,7 @@ def test_summarization_empty_summary_is_an_error(tmp_path):
 
 def test_hf_loader_without_datasets_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(DataError, match="pip install datasets"):
         load_hf_qa("squad")
 
 
@@ -219,7 +222,7 @@ def test_hf_loaders_with_a_stand_in_datasets_module(monkeypatch):
 
     qa = load_hf_qa("squad")
     assert [(example.id, example.golds) for example in qa.examples] == [("s1", ("goats",))]
-    assert qa.examples[0].fields["passage"] == "Ada Venn kept goats." and qa.name == "hf:squad"
+    assert qa.examples[0].fields["context"] == "Ada Venn kept goats." and qa.name == "squad[validation]"
 
     news = load_hf_summarization("cnn_dailymail", config="3.0.0", split="test",
                                  document="article", summary="highlights")
