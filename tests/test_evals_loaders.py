@@ -10,6 +10,8 @@ from evals.loaders import (
     DataError,
     default_task_name,
     load_cnn_dailymail,
+    load_data,
+    load_hf,
     load_hf_qa,
     load_hf_summarization,
     load_jsonl_qa,
@@ -231,3 +233,119 @@ def test_hf_loaders_with_a_stand_in_datasets_module(monkeypatch):
 
     with pytest.raises(DataError, match=r'cnn_dailymail\[validation\] row 0: missing field "document"'):
         load_hf_summarization("cnn_dailymail")
+
+
+# --- the command line's entry points: formats, roles, names, encodings -------------------------
+
+def test_two_data_jsonl_files_in_different_folders_are_two_tasks(tmp_path):
+    rows = [{"question": "a?", "answers": "x"}, {"question": "b?", "answers": "y"}]
+    first = load_data(jsonl((tmp_path / "one").mkdir() or tmp_path / "one" / "data.jsonl", rows), "qa-jsonl")
+    second = load_data(jsonl((tmp_path / "two").mkdir() or tmp_path / "two" / "data.jsonl", rows), "qa-jsonl")
+    assert first.name != second.name
+    assert first.name.startswith("data-") and second.name.startswith("data-")
+    assert load_data(tmp_path / "one" / "data.jsonl", "qa-jsonl").name == first.name  # stable
+    assert load_data(tmp_path / "one" / "data.jsonl", "qa-jsonl", name="mine").name == "mine"
+
+
+def test_fields_map_roles_to_nested_fields(tmp_path):
+    rows = [{"uid": "u1", "query": {"text": "Capital of Peru?"}, "passage": "Peru's capital is Lima.",
+             "gold": [{"text": "Lima"}, {"text": "Lima, Peru"}]},
+            {"uid": "u2", "query": {"text": "Capital of Chad?"}, "passage": "Chad's capital is N'Djamena.",
+             "gold": [{"text": "N'Djamena"}]}]
+    path = jsonl(tmp_path / "nested.jsonl", rows)
+    task = with_shots(load_data(path, "qa-jsonl", fields="question=query.text,context=passage,answers=gold.text,"
+                                                          "id=uid"), 0)
+    assert [example.id for example in task.examples] == ["u1", "u2"]
+    assert task.examples[0].fields == {"question": "Capital of Peru?", "context": "Peru's capital is Lima."}
+    assert task.examples[0].golds == ("Lima", "Lima, Peru")
+    assert task.template == READING_TEMPLATE
+    closed = load_data(path, "qa-jsonl", fields={"question": "query.text", "answers": "gold.text"})
+    assert closed.template == FACTOID_TEMPLATE  # no "context" field in the data: closed-book
+
+
+def test_qa_jsonl_uses_a_context_field_when_the_data_has_one(tmp_path):
+    rows = [{"question": f"q{i}?", "context": f"c{i}.", "answers": f"a{i}"} for i in range(3)]
+    path = jsonl(tmp_path / "qa.jsonl", rows)
+    assert load_data(path, "qa-jsonl").template == READING_TEMPLATE
+    assert load_data(path, "qa-jsonl", fields="context=").template == FACTOID_TEMPLATE
+
+
+def test_summarization_with_other_field_names(tmp_path):
+    path = jsonl(tmp_path / "news.jsonl", [{"key": "n1", "body": DOCUMENT, "tldr": "Wall rebuilt."}])
+    task = load_data(path, "summarization-jsonl", fields="document=body,summary=tldr,id=key")
+    assert task.examples[0].id == "n1" and task.examples[0].golds == ("Wall rebuilt.",)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("question=q,colour=c", r"--fields: unknown role 'colour' for qa-jsonl \(roles: question, context, answers, id\)"),
+        ("question", r"'question' is not ROLE=FIELD"),
+        ("question=q,question=r", r"role 'question' is given twice"),
+        ("answers=", r"role 'answers' needs a field name"),
+    ],
+)
+def test_bad_fields_are_one_line(tmp_path, fields, message):
+    path = jsonl(tmp_path / "qa.jsonl", [{"question": "a?", "answers": "x"}])
+    with pytest.raises(DataError, match=message) as error:
+        load_data(path, "qa-jsonl", fields=fields)
+    assert "\n" not in str(error.value)
+
+
+def test_formats_are_checked(tmp_path):
+    path = jsonl(tmp_path / "qa.jsonl", [{"question": "a?", "answers": "x"}])
+    with pytest.raises(DataError, match="unknown data format 'csv'"):
+        load_data(path, "csv")
+    with pytest.raises(DataError, match=r"qa\.jsonl: say which format"):
+        load_data(path)
+    squad = write(tmp_path / "dev.json", json.dumps(SQUAD))
+    assert load_data(squad).template == READING_TEMPLATE  # .json is SQuAD
+    with pytest.raises(DataError, match="--fields does not apply to SQuAD"):
+        load_data(squad, "squad", fields="question=q")
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read the file"):
+        load_data(tmp_path / "missing.jsonl", "qa-jsonl")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinity_answers_are_refused_not_read_as_text(tmp_path, constant):
+    lines = ['{"question": "a?", "answers": "x"}', f'{{"question": "b?", "answers": [{constant}]}}']
+    path = jsonl(tmp_path / "qa.jsonl", lines)
+    with pytest.raises(DataError, match=r'qa\.jsonl:2: field "answers" must be a string .*NaN or Infinity'):
+        load_data(path, "qa-jsonl")
+    squad = json.dumps(SQUAD).replace('"text": "goats"', f'"text": {constant}')
+    with pytest.raises(DataError, match=r'paragraphs\[1\]\.qas\[0\]: field "answers.text" .*NaN or Infinity'):
+        load_squad(write(tmp_path / "dev.json", squad))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("utf-16", r"nonascii\.jsonl: the file is UTF-16"),
+        ("utf-16-le", r"nonascii\.jsonl:2: not UTF-8 .*zero bytes, as UTF-16"),
+        ("latin-1", r"nonascii\.jsonl:2: not UTF-8 \(byte 0xf9; it looks like Latin-1"),
+    ],
+)
+def test_files_not_in_utf8_are_named_with_their_encoding_problem(tmp_path, encoding, message):
+    text = '{"question": "a?", "answers": "x"}\n{"question": "Où est le café?", "answers": "là"}\n'
+    path = tmp_path / "nonascii.jsonl"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=message) as error:
+        load_data(path, "qa-jsonl")
+    assert "\n" not in str(error.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # UTF-8 with a byte-order mark is fine
+    assert with_shots(load_data(path, "qa-jsonl"), 0).examples[1].golds == ("là",)
+
+
+def test_load_hf_with_formats_and_fields(monkeypatch):
+    tables = {("squad", None, "validation"): [{"id": "s1", "context": "Ada kept goats.", "question": "What?",
+                                               "answers": {"text": ["goats"], "answer_start": [9]}}],
+              ("trivia", "rc", "train"): [{"q": "Capital of Peru?", "a": {"aliases": ["Lima"]}}]}
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: tables[name, config, split])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    squad = load_hf("squad")
+    assert squad.name == "squad[validation]" and squad.examples[0].golds == ("goats",)
+    trivia = load_hf("trivia:rc", "qa-jsonl", split="train", fields="question=q,answers=a.aliases")
+    assert trivia.name == "trivia:rc[train]" and trivia.template == FACTOID_TEMPLATE
+    assert trivia.examples[0].golds == ("Lima",)
+    with pytest.raises(DataError, match=r"nope: cannot load split 'validation' \(KeyError"):
+        load_hf("nope")
