@@ -21,20 +21,11 @@ which is small, for its chat template).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from pathlib import Path
 
 from evals.loaders import FORMATS, load_data, load_hf
-from evals.tasks import (
-    TASKS,
-    Task,
-    describe_tasks,
-    evenly_spaced,
-    get_task,
-    with_shots,
-    with_template,
-)
+from evals.tasks import TASKS, Task, describe_tasks, get_task, with_options
 from minillm.tokenizer import Tokenizer
 
 _NAME = re.compile(r"[\w.:\-\[\]]+")
@@ -125,7 +116,9 @@ def tasks_from_arguments(args: argparse.Namespace, tokenizer: Tokenizer | None =
         from minillm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(resolve_checkpoint(args.model))
-    return [_prompted(task, args, template, tokenizer) for task in tasks]
+    chat = tokenizer.chat_format() if args.chat else None
+    return [with_options(task, template=template, shots=args.shots, seed=args.seed,
+                         max_new_tokens=args.max_new_tokens, limit=args.limit, chat=chat) for task in tasks]
 
 
 def _builtin_tasks(spec: str | None) -> list[Task]:
@@ -170,22 +163,6 @@ def _template(text: str) -> str:
             raise ValueError(f"--template {text}: cannot read {path} ({error})") from None
         return content.removesuffix("\n")  # an editor's final newline is not part of the prompt
     return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _prompted(task: Task, args: argparse.Namespace, template: str | None, tokenizer: Tokenizer | None) -> Task:
-    """The task with the prompt options applied: template, demonstrations, answer budget, limit, chat."""
-    if template is not None:
-        task = with_template(task, template)
-    if args.shots is not None:
-        task = with_shots(task, args.shots, args.seed)
-    elif task.shot_seed is not None and task.shot_seed != args.seed:  # a task that draws by default
-        task = with_shots(task, len(task.shots), args.seed)
-    if args.max_new_tokens is not None:
-        task = dataclasses.replace(task, max_new_tokens=args.max_new_tokens)
-    task = evenly_spaced(task, args.limit)
-    if args.chat:
-        task = dataclasses.replace(task, chat=tokenizer.chat_format())
-    return task
 
 
 # --- `minillm tasks` -------------------------------------------------------------------------

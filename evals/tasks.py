@@ -16,8 +16,8 @@ Built-in tasks, all available offline:
 
 `get_task(name, limit=None)` builds one by name; `TASKS` lists the names; `describe_tasks()` gives
 a row per task (examples, metric, chance level). A task's prompts are changed with `with_shots`
-(demonstrations drawn from its own data), `with_template` and `evenly_spaced` (the one meaning of
-"limit": N examples spread evenly over the task). Loaders for data that users bring (SQuAD, JSONL,
+(demonstrations drawn from its own data), `with_template`, `evenly_spaced` (the one meaning of
+"limit": N examples spread evenly over the task), or all at once with `with_options`. Loaders for data that users bring (SQuAD, JSONL,
 Hugging Face datasets) are in `evals.loaders` and build the same records.
 """
 
@@ -274,6 +274,28 @@ def with_template(task: Task, template: str) -> Task:
         raise ValueError(f"template {template!r} has no field, so every prompt would be the same "
                          f"(task {task.name!r} has {shown})")
     return dataclasses.replace(task, template=template)
+
+
+def with_options(task: Task, *, template: str | None = None, shots: int | None = None, seed: int = 0,
+                 max_new_tokens: int | None = None, limit: int | None = None, chat: ChatTemplate | None = None) -> Task:
+    """The task with the prompt options a user chose; None keeps the task's own setting.
+
+    In order: the template, `shots` demonstrations drawn with `seed` (a task that draws its own by
+    default redraws them with `seed`), the answer budget, `limit` examples spread evenly over what is
+    left to score, and the chat template that wraps each prompt.
+    """
+    if template is not None:
+        task = with_template(task, template)
+    if shots is not None:
+        task = with_shots(task, shots, seed)
+    elif task.shot_seed is not None and task.shot_seed != seed:
+        task = with_shots(task, len(task.shots), seed)
+    if max_new_tokens is not None:
+        task = dataclasses.replace(task, max_new_tokens=max_new_tokens)
+    task = evenly_spaced(task, limit)
+    if chat is not None:
+        task = dataclasses.replace(task, chat=chat)
+    return task
 
 
 # --- Builders shared by the built-in tasks and the loaders -------------------------------------
