@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import sys
+import types
 
 import pytest
 
@@ -178,3 +180,16 @@ def test_minillm_tasks_lists_every_builtin_task(capsys):
     assert list(rows) == list(TASKS)
     capitals = get_task("capitals")
     assert rows["capitals"][1:5] == [str(len(capitals.examples)), "3", "exact_match", f"{capitals.chance:.3f}"]
+
+
+def test_hf_dataset_with_split_format_and_fields(monkeypatch):
+    rows = {("trivia", "rc", "train"): [{"q": f"Capital number {i}?", "a": {"aliases": [f"City {i}"]}}
+                                        for i in range(4)]}
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: rows[name, config, split])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    [task] = tasks("--hf-dataset", "trivia:rc", "--split", "train", "--format", "qa-jsonl",
+                   "--fields", "question=q,answers=a.aliases", "--shots", "1")
+    assert task.name == "trivia:rc[train]" and len(task.shots) == 1 and len(task.examples) == 3
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="pip install 'minillm\\[hf\\]'"):
+        tasks("--hf-dataset", "squad")
