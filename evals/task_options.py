@@ -137,7 +137,8 @@ def _builtin_tasks(spec: str | None) -> list[Task]:
 def _source_task(source: dict) -> Task:
     name = source["name"]
     if name is not None and not _NAME.fullmatch(name):
-        raise ValueError(f"--name {name!r}: use letters, digits and . : - _ [ ] only (it is part of every record's key)")
+        raise ValueError(f"--name {name!r}: use letters, digits and . : - _ [ ] only "
+                         "(it is part of every record's key)")
     if source["option"] == "--hf-dataset":
         return load_hf(source["location"], source["format"] or "squad", split=source["split"] or "validation",
                        fields=source["fields"], name=name)

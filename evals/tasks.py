@@ -17,8 +17,9 @@ Built-in tasks, all available offline:
 `get_task(name, limit=None)` builds one by name; `TASKS` lists the names; `describe_tasks()` gives
 a row per task (examples, metric, chance level). A task's prompts are changed with `with_shots`
 (demonstrations drawn from its own data), `with_template`, `evenly_spaced` (the one meaning of
-"limit": N examples spread evenly over the task), or all at once with `with_options`. Loaders for data that users bring (SQuAD, JSONL,
-Hugging Face datasets) are in `evals.loaders` and build the same records.
+"limit": N examples spread evenly over the task), or all at once with `with_options`. Loaders for
+data that users bring (SQuAD, JSONL, Hugging Face datasets) are in `evals.loaders` and build the same
+records.
 """
 
 from __future__ import annotations

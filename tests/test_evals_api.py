@@ -22,7 +22,8 @@ def test_task_from_pairs_and_from_two_lists():
     raw = evals.task_from_pairs(pairs, template="{question}", shots=1, seed=2)
     assert len(raw.shots) == 1 and len(raw.examples) == 2
     shot = raw.shots[0]
-    assert raw.prompt(raw.examples[0]) == f"{shot.fields['question']} {shot.golds[0]}\n\n{raw.examples[0].fields['question']}"
+    question = raw.examples[0].fields["question"]
+    assert raw.prompt(raw.examples[0]) == f"{shot.fields['question']} {shot.golds[0]}\n\n{question}"
 
 
 @pytest.mark.parametrize(

@@ -170,7 +170,8 @@ DOCUMENT = "The harbour wall at Kells was rebuilt after winter storms. Fishing b
 def test_load_xsum_and_cnn_dailymail_field_names(tmp_path):
     xsum_row = {"id": "x1", "document": DOCUMENT, "summary": "Kells wall rebuilt."}
     xsum = load_xsum(jsonl(tmp_path / "xsum.jsonl", [xsum_row]))
-    assert xsum.name == default_task_name(tmp_path / "xsum.jsonl") and xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
+    assert xsum.name == default_task_name(tmp_path / "xsum.jsonl")
+    assert xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
     assert xsum.examples[0].id == "x1" and xsum.examples[0].golds == ("Kells wall rebuilt.",)
     assert xsum.prompt(xsum.examples[0]).endswith(f"Article: {DOCUMENT}\nSummary:")
 
@@ -279,7 +280,8 @@ def test_summarization_with_other_field_names(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ("question=q,colour=c", r"--fields: unknown role 'colour' for qa-jsonl \(roles: question, context, answers, id\)"),
+        ("question=q,colour=c",
+         r"--fields: unknown role 'colour' for qa-jsonl \(roles: question, context, answers, id\)"),
         ("question", r"'question' is not ROLE=FIELD"),
         ("question=q,question=r", r"role 'question' is given twice"),
         ("answers=", r"role 'answers' needs a field name"),

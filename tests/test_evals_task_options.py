@@ -126,9 +126,10 @@ def test_bad_data_is_one_line_naming_file_line_and_field(tmp_path):
 
 def test_template_from_text_or_file_and_unknown_fields(files, tmp_path):
     squad, nested = files
-    [task] = tasks("--data", str(squad), "--shots", "0", "--template", "Context: {context}\\nQ: {question}\\nShort answer:")
-    assert task.prompt(task.examples[0]) == (
-        "Context: Keeper number 0 of the Morrow light was called Ada Venn.\nQ: What was keeper 0 called?\nShort answer:")
+    [task] = tasks("--data", str(squad), "--shots", "0",
+                   "--template", "Context: {context}\\nQ: {question}\\nShort answer:")
+    assert task.prompt(task.examples[0]) == ("Context: Keeper number 0 of the Morrow light was called Ada Venn.\n"
+                                             "Q: What was keeper 0 called?\nShort answer:")
     template_file = tmp_path / "prompt.txt"
     template_file.write_text("Text: {context}\nAsked: {question}\nReply:\n", encoding="utf-8")
     [from_file] = tasks("--data", str(squad), "--shots", "0", "--template", f"@{template_file}")

@@ -37,11 +37,11 @@ def tasks():
 
 
 def _toy_task(**overrides):
-    settings = dict(
-        name="toy", description="toy task", template="Q: {question}\nA:",
-        examples=(Example("a", {"question": "one?"}, ("1",)), Example("b", {"question": "two?"}, ("2",))),
-        metric="squad", primary="exact_match", max_new_tokens=4, stop=("\n",),
-    )
+    settings = {
+        "name": "toy", "description": "toy task", "template": "Q: {question}\nA:",
+        "examples": (Example("a", {"question": "one?"}, ("1",)), Example("b", {"question": "two?"}, ("2",))),
+        "metric": "squad", "primary": "exact_match", "max_new_tokens": 4, "stop": ("\n",),
+    }
     return Task(**(settings | overrides))
 
 
@@ -174,7 +174,8 @@ def test_chat_prompts_are_demonstration_turns_in_the_models_template():
                         "{% if add_generation_prompt %}<assistant>{% endif %}")
     task = dataclasses.replace(with_shots(_numbered_task(), 1, seed=0), chat=chat)
     shot, example = task.shots[0], task.examples[0]
-    assert task.prompt(example) == (f"<user>Q: {shot.fields['question']}\nA:</user><assistant>{shot.golds[0]}</assistant>"
+    assert task.prompt(example) == (f"<user>Q: {shot.fields['question']}\nA:</user>"
+                                    f"<assistant>{shot.golds[0]}</assistant>"
                                     f"<user>Q: {example.fields['question']}\nA:</user><assistant>")
 
 
