@@ -1,34 +1,42 @@
-"""Evaluation tasks as small declarative records, and the four built-in tasks.
+"""Evaluation tasks as small declarative records, and the built-in tasks.
 
 A `Task` says everything a sweep needs to evaluate a model without knowing what the task is about:
-how to write the prompt (a `str.format` template filled from an example's fields, preceded by fixed
-demonstrations), when to stop generating, how to clean and score the answer, and what score a
-model that ignores the question would get (the chance level).
+how to write the prompt (a `str.format` template filled from an example's fields, preceded by
+demonstrations, optionally wrapped in the model's chat template), when to stop generating, how to
+clean and score the answer, and what score a model that ignores the question would get (the chance
+level).
 
 Built-in tasks, all available offline:
 
 - `capitals`: closed-book QA, "What is the capital of X?", three-shot in the paper's Q/A format.
 - `fanoutqa`: single-hop factoid questions from the FanOutQA dev set (fetched from its PyPI wheel).
 - `context-qa`: reading comprehension over generated passages about invented people, towns,
-  companies and ships, so the answer can only come from the passage.
+  companies and ships, so the answer can only come from the passage (`evals.context_qa`).
 - `summarization`: short original news articles with reference summaries.
 
-`get_task(name, limit=None)` builds one by name; `TASKS` lists the names. Loaders for data that
-users bring (SQuAD, JSONL, Hugging Face datasets) are in `evals.loaders` and build the same records.
+`get_task(name, limit=None)` builds one by name; `TASKS` lists the names; `describe_tasks()` gives
+a row per task (examples, metric, chance level). A task's prompts are changed with `with_shots`
+(demonstrations drawn from its own data), `with_template`, `evenly_spaced` (the one meaning of
+"limit": N examples spread evenly over the task), or all at once with `with_options`. Loaders for
+data that users bring (SQuAD, JSONL, Hugging Face datasets) are in `evals.loaders` and build the same
+records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from evals.metrics import METRICS, normalize_answer
+from minillm.tokenizer import ChatTemplate
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -65,6 +73,13 @@ class Task:
     a space and its first gold answer, joined by `shot_separator`), then `shot_separator`, then the
     example's filled template. Templates end where the answer begins (e.g. with "A:").
 
+    With `chat`, the prompt is instead the model's chat template rendered over a conversation: each
+    demonstration a user turn (its filled template) and an assistant turn (its answer), then the
+    example's filled template as the last user turn, and the assistant's turn opened.
+
+    `shot_seed` says where the demonstrations come from: None for fixed, hand-written ones; a seed
+    for ones drawn from the task's own data (`with_shots`), which are then never scored.
+
     `metric` names an entry of `evals.metrics.METRICS`; `primary` is the key of its result that
     curves and reports use (e.g. "f1", "exact_match", "rougeL"). `source`, `licence` and `credit`
     say where the examples come from and whom to thank.
@@ -80,6 +95,8 @@ class Task:
     stop: tuple[str, ...] = ()
     shots: tuple[Example, ...] = ()
     shot_separator: str = "\n\n"
+    shot_seed: int | None = None
+    chat: ChatTemplate | None = None
     source: str = ""
     licence: str = ""
     credit: str = ""
@@ -89,6 +106,8 @@ class Task:
             raise ValueError(f"task {self.name!r}: unknown metric {self.metric!r} (known: {', '.join(METRICS)})")
         if not self.examples:
             raise ValueError(f"task {self.name!r} has no examples")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be at least 1, got {self.max_new_tokens}")
         for example in (*self.shots, *self.examples):
             if not example.golds or not all(isinstance(gold, str) and gold.strip() for gold in example.golds):
                 raise ValueError(f"task {self.name!r}: example {example.id!r} needs non-empty gold answers")
@@ -104,15 +123,22 @@ class Task:
 
     @property
     def prefix(self) -> str:
-        """The demonstrations, written out, exactly as they open every prompt ('' without shots)."""
+        """The demonstrations, written out, exactly as they open every plain prompt ('' without shots)."""
         if not self.shots:
             return ""
         written = [f"{self.template.format(**shot.fields)} {shot.golds[0]}" for shot in self.shots]
         return self.shot_separator.join(written) + self.shot_separator
 
     def prompt(self, example: Example) -> str:
-        """The full prompt for `example`: demonstrations, then the example's question."""
-        return self.prefix + self.template.format(**example.fields)
+        """The full prompt text for `example`: demonstrations, then the example's question."""
+        if self.chat is None:
+            return self.prefix + self.template.format(**example.fields)
+        conversation = []
+        for shot in self.shots:
+            conversation += [{"role": "user", "content": self.template.format(**shot.fields)},
+                             {"role": "assistant", "content": shot.golds[0]}]
+        conversation.append({"role": "user", "content": self.template.format(**example.fields)})
+        return self.chat.render(conversation, add_generation_prompt=True)
 
     def postprocess(self, generation: str) -> str:
         """The answer part of a raw generation (see `truncate_at_stop`)."""
@@ -126,6 +152,33 @@ class Task:
     def chance(self) -> float:
         """Chance level of the primary score; see `chance_level`."""
         return chance_level(self.examples, self.metric, self.primary)
+
+    def settings(self) -> dict:
+        """Everything that decides this task's prompts and scores, JSON-ready (for a run's manifest).
+
+        Two runs whose settings differ must not be mixed: the hashes change when any example, gold
+        answer or rendered prompt does.
+        """
+        examples = [[example.id, example.fields, list(example.golds)] for example in self.examples]
+        return {
+            "name": self.name,
+            "template": self.template,
+            "shots": [shot.id for shot in self.shots],
+            "shot_seed": self.shot_seed,
+            "shot_separator": self.shot_separator,
+            "chat_template_sha256": None if self.chat is None else _sha256(json.dumps(dataclasses.asdict(self.chat))),
+            "max_new_tokens": self.max_new_tokens,
+            "stop": list(self.stop),
+            "metric": self.metric,
+            "primary": self.primary,
+            "examples": len(self.examples),
+            "examples_sha256": _sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False)),
+            "prompts_sha256": _sha256("\0".join(self.prompt(example) for example in self.examples)),
+        }
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def chance_level(examples: Sequence[Example], metric: str, primary: str, seed: int = 0) -> float:
@@ -150,6 +203,102 @@ def chance_level(examples: Sequence[Example], metric: str, primary: str, seed: i
     return total / len(examples)
 
 
+# --- changing a task's examples and prompts ----------------------------------------------------
+
+def evenly_spaced(task: Task, count: int | None) -> Task:
+    """The task with `count` of its examples, spread evenly over it (all of them for None).
+
+    This is what "limit" means everywhere. Neighbouring examples often share a source (fanoutqa
+    lists the sub-questions of one question together), so a spread sample is more representative
+    than the first `count`.
+    """
+    if count is None or count >= len(task.examples):
+        return task
+    if count < 1:
+        raise ValueError(f"limit must be at least 1 example, got {count}")
+    step = len(task.examples) / count
+    return dataclasses.replace(task, examples=tuple(task.examples[int(i * step)] for i in range(count)))
+
+
+def with_shots(task: Task, count: int, seed: int = 0) -> Task:
+    """The task with `count` demonstrations drawn from its own data, which are then not scored.
+
+    The draw is a seeded sample (same data and seed, same demonstrations), kept in data order. It
+    replaces the task's demonstrations: hand-written ones are dropped, and ones drawn before go
+    back into the pool (after the examples) first, so `with_shots(task, 0)` scores all the data.
+    """
+    pool = task.examples + (task.shots if task.shot_seed is not None else ())
+    if count < 0:
+        raise ValueError(f"shots must be 0 or more, got {count}")
+    if count >= len(pool):
+        raise ValueError(f"task {task.name!r}: {count} shots would leave no example to score "
+                         f"(it has {len(pool)} examples)")
+    drawn = set(random.Random(seed).sample(range(len(pool)), count))
+    return dataclasses.replace(
+        task, shots=tuple(example for index, example in enumerate(pool) if index in drawn),
+        examples=tuple(example for index, example in enumerate(pool) if index not in drawn),
+        shot_seed=seed if count else None)
+
+
+def template_fields(template: str) -> list[str]:
+    """The names of the fields a `str.format` template fills, in order; a ValueError for anything else.
+
+    Only plain names are allowed: "{question}", not "{0}", "{}" or "{question.upper}".
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
+    names = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"template {template!r}: field {{{field}}} must be a plain name such as {{question}}")
+        names.append(field)
+    return names
+
+
+def with_template(task: Task, template: str) -> Task:
+    """The task with its prompts written from `template` ("{question}", "{context}", "{document}"...).
+
+    Refuses a field that some example lacks, naming the fields the task has.
+    """
+    names = template_fields(template)
+    available = set.intersection(*(set(example.fields) for example in (*task.shots, *task.examples)))
+    shown = ", ".join(f"{{{name}}}" for name in sorted(available))
+    for name in names:
+        if name not in available:
+            raise ValueError(f"template {template!r}: unknown field {{{name}}} for task {task.name!r} "
+                             f"(its fields: {shown})")
+    if not names:
+        raise ValueError(f"template {template!r} has no field, so every prompt would be the same "
+                         f"(task {task.name!r} has {shown})")
+    return dataclasses.replace(task, template=template)
+
+
+def with_options(task: Task, *, template: str | None = None, shots: int | None = None, seed: int = 0,
+                 max_new_tokens: int | None = None, limit: int | None = None, chat: ChatTemplate | None = None) -> Task:
+    """The task with the prompt options a user chose; None keeps the task's own setting.
+
+    In order: the template, `shots` demonstrations drawn with `seed` (a task that draws its own by
+    default redraws them with `seed`), the answer budget, `limit` examples spread evenly over what is
+    left to score, and the chat template that wraps each prompt.
+    """
+    if template is not None:
+        task = with_template(task, template)
+    if shots is not None:
+        task = with_shots(task, shots, seed)
+    elif task.shot_seed is not None and task.shot_seed != seed:
+        task = with_shots(task, len(task.shots), seed)
+    if max_new_tokens is not None:
+        task = dataclasses.replace(task, max_new_tokens=max_new_tokens)
+    task = evenly_spaced(task, limit)
+    if chat is not None:
+        task = dataclasses.replace(task, chat=chat)
+    return task
+
+
 # --- Builders shared by the built-in tasks and the loaders -------------------------------------
 
 FACTOID_TEMPLATE = "Q: {question}\nA:"
@@ -158,17 +307,11 @@ FACTOID_SHOTS = (
     Example("factoid-shot-2", {"question": "In what year did the Berlin Wall fall?"}, ("1989",)),
 )
 
-READING_TEMPLATE = "Passage: {passage}\nQuestion: {question}\nAnswer:"
-READING_SHOT = Example(
-    "reading-shot",
-    {
-        "passage": "Corvina Ashdale keeps the lighthouse at Eastbrook and was born in 1958. "
-                   "Her neighbour Maribel Fontaine is a dentist. Maribel was born in 1971 and "
-                   "collects old maps.",
-        "question": "In what year was Maribel Fontaine born?",
-    },
-    ("1971",),
-)
+READING_TEMPLATE = "Passage: {context}\nQuestion: {question}\nAnswer:"
+# Reading tasks draw their demonstrations from their own data (seed 0), so the answers shown are of
+# the kinds the task asks for, not one fixed kind: a single hand-written "In what year..." shot made
+# small models answer every question with a year.
+READING_SHOTS = 2
 
 SUMMARY_TEMPLATE = "Article: {document}\nSummary:"
 SUMMARY_SHOT = Example(
@@ -179,8 +322,8 @@ SUMMARY_SHOT = Example(
                     "and volunteers will help the two paid staff run the shop, which also houses the "
                     "post office. It reopens under community ownership next Monday.",
     },
-    ("Residents of Lower Hadley raised 60,000 pounds to buy their village shop and post office, "
-     "which reopens under community ownership on Monday.",),
+    (("Residents of Lower Hadley raised 60,000 pounds to buy their village shop and post office, "
+      "which reopens under community ownership on Monday."),),
 )
 
 
@@ -194,10 +337,12 @@ def make_factoid_task(name: str, examples: Sequence[Example], description: str, 
 
 def make_reading_task(name: str, examples: Sequence[Example], description: str, *,
                       source: str = "", licence: str = "", credit: str = "") -> Task:
-    """Reading comprehension: one fixed demonstration, then "Passage: ...\\nQuestion: ...\\nAnswer:"."""
-    return Task(name=name, description=description, template=READING_TEMPLATE, examples=tuple(examples),
-                metric="squad", primary="exact_match", max_new_tokens=16, stop=("\n",), shots=(READING_SHOT,),
+    """Reading comprehension: "Passage: ...\\nQuestion: ...\\nAnswer:" after two demonstrations drawn
+    from the same data (seed 0; fewer when there are not enough examples to leave one to score)."""
+    task = Task(name=name, description=description, template=READING_TEMPLATE, examples=tuple(examples),
+                metric="squad", primary="exact_match", max_new_tokens=16, stop=("\n",),
                 shot_separator="\n\n", source=source, licence=licence, credit=credit)
+    return with_shots(task, min(READING_SHOTS, len(examples) - 1), seed=0)
 
 
 def make_summarization_task(name: str, examples: Sequence[Example], description: str, *,
@@ -347,236 +492,6 @@ def fanoutqa() -> Task:
     )
 
 
-# --- context-qa ------------------------------------------------------------------------------
-
-CONTEXT_QA_SIZE = 250
-CONTEXT_QA_SEED = 2409  # after the paper's arXiv number, 2409.03621
-
-# Invented-name parts. Each kind of value has its own pool so that an answer never appears inside
-# the question (a town name cannot hide inside a person's name).
-_FIRST_START = ["Al", "Bri", "Cas", "Dor", "El", "Fen", "Gil", "Hes", "Ior", "Jas", "Kel", "Lun", "Mer",
-                "Nes", "Or", "Pel", "Quor", "Ris", "Sab", "Tam", "Ul", "Ves", "Wen", "Yor", "Zan"]
-_FIRST_END = ["ric", "wen", "dra", "mon", "ith", "ara", "olt", "essa", "ian", "ova"]
-_SURNAME_START = ["Brag", "Cot", "Drum", "Fal", "Gor", "Hask", "Lind", "Morv", "Pask", "Rend", "Strav",
-                  "Tull", "Varn", "Wex", "Yell", "Quen", "Obb", "Nack"]
-_SURNAME_END = ["ley", "wick", "mond", "ersby", "holt", "grave", "man", "son", "ard", "ett"]
-_TOWN_START = ["Ash", "Bel", "Crow", "Dun", "Elm", "Fox", "Glen", "Hart", "Ivy", "Kin", "Lark", "Moss",
-               "Oak", "Pine", "Quill", "Rook", "Sal", "Thorn", "Wil", "Yew"]
-_TOWN_END = ["ford", "mere", "by", "haven", "stead", "bury", "combe", "dale", "port", "holme"]
-_COMPANY_START = ["Vel", "Cre", "Ast", "Bol", "Tyr", "Mira", "Quan", "Zeph", "Orr", "Luma"]
-_COMPANY_END = ["tek", "vox", "dyne", "mark", "line", "gen", "tron", "via"]
-_COMPANY_SUFFIX = ["Works", "Industries", "Labs", "Trading", "Brothers", "Group", "Supply", "Foundry"]
-_SHIP_ADJECTIVE = ["Silent", "Northern", "Bright", "Swift", "Wandering", "Iron", "Patient", "Lucky",
-                   "Gentle", "Restless"]
-_SHIP_NOUN = ["Heron", "Lantern", "Tide", "Comet", "Otter", "Anchor", "Gull", "Thistle", "Marten", "Compass"]
-_RIVERS = ["Lenn", "Arve", "Tarrow", "Skelt", "Omber", "Wend", "Carra", "Isk", "Doven", "Mirra", "Fell", "Saule"]
-
-_PROFESSIONS = ["baker", "pilot", "surgeon", "librarian", "carpenter", "violinist", "geologist", "plumber",
-                "journalist", "architect", "beekeeper", "chemist", "tailor", "firefighter", "lawyer",
-                "gardener", "potter", "astronomer", "translator", "mechanic"]
-_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "teal", "crimson", "amber",
-            "violet", "indigo", "maroon", "turquoise"]
-_ANIMALS = ["cat", "parrot", "tortoise", "goat", "ferret", "rabbit", "horse", "dog", "hamster", "owl",
-            "lizard", "donkey"]
-_PRODUCTS = ["bicycles", "umbrellas", "telescopes", "violins", "garden tools", "board games", "ceramic tiles",
-             "solar panels", "canoes", "wool blankets", "clocks", "kites"]
-_SPECIALTIES = ["cheese", "glassware", "lanterns", "honey", "pottery", "apples", "clock towers", "carpets",
-                "lace", "cider"]
-
-
-class _NamePool:
-    """Draws invented names for one passage, never reusing a name's leading part.
-
-    Distinct leading parts keep the entities of a passage easy to tell apart ("Larkport" and
-    "Larkholme" never meet), so a wrong answer means the model missed the fact, not a near-twin name.
-    """
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.used: set[str] = set()
-
-    def _unused(self, parts: Sequence[str]) -> str:
-        part = self.rng.choice([candidate for candidate in parts if candidate not in self.used])
-        self.used.add(part)
-        return part
-
-    def person(self) -> str:
-        pick = self.rng.choice
-        return f"{self._unused(_FIRST_START)}{pick(_FIRST_END)} {self._unused(_SURNAME_START)}{pick(_SURNAME_END)}"
-
-    def town(self) -> str:
-        return f"{self._unused(_TOWN_START)}{self.rng.choice(_TOWN_END)}"
-
-    def company(self) -> str:
-        pick = self.rng.choice
-        return f"{self._unused(_COMPANY_START)}{pick(_COMPANY_END)} {pick(_COMPANY_SUFFIX)}"
-
-    def ship(self) -> str:
-        return f"{self._unused(_SHIP_ADJECTIVE)} {self._unused(_SHIP_NOUN)}"
-
-
-def _a(noun: str) -> str:
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
-@dataclass(frozen=True)
-class _Attribute:
-    """One kind of fact about an entity: how to draw distinct values, state it and ask about it.
-
-    `statements` are alternative phrasings with {e} for the entity (as written mid-sentence) and {v}
-    for the value; `question` asks for the value. `golds` turns a value into accepted answers.
-    """
-
-    draw: Callable[[random.Random, _NamePool, int], list[str]]
-    statements: tuple[str, ...]
-    question: str
-    golds: Callable[[str], tuple[str, ...]] = lambda value: (value,)
-
-
-def _distinct(pool: Sequence[str]) -> Callable[[random.Random, _NamePool, int], list[str]]:
-    return lambda rng, names, count: rng.sample(pool, count)
-
-
-def _years(rng: random.Random, names: _NamePool, count: int) -> list[str]:
-    return [str(year) for year in rng.sample(range(1890, 2016), count)]
-
-
-def _counts(low: int, high: int) -> Callable[[random.Random, _NamePool, int], list[str]]:
-    return lambda rng, names, count: [f"{number:,}" for number in rng.sample(range(low, high), count)]
-
-
-def _people(rng: random.Random, names: _NamePool, count: int) -> list[str]:
-    return [names.person() for _ in range(count)]
-
-
-def _towns(rng: random.Random, names: _NamePool, count: int) -> list[str]:
-    return [names.town() for _ in range(count)]
-
-
-@dataclass(frozen=True)
-class _EntityKind:
-    name: Callable[[_NamePool], str]
-    mention: str  # how the entity is written mid-sentence, e.g. "the {name}" for ships
-    attributes: dict[str, _Attribute]
-
-
-_ENTITY_KINDS = (
-    _EntityKind(
-        name=_NamePool.person, mention="{name}",
-        attributes={
-            "town": _Attribute(_towns, ("{e} lives in {v}.", "{e} has made a home in {v}."),
-                               "In which town does {e} live?"),
-            "profession": _Attribute(lambda rng, names, count: [_a(p) for p in rng.sample(_PROFESSIONS, count)],
-                                     ("{e} works as {v}.", "By trade, {e} is {v}."),
-                                     "What is {e}'s job?", golds=lambda value: (value.split(" ", 1)[1],)),
-            "birth year": _Attribute(_years, ("{e} was born in {v}.",), "In what year was {e} born?"),
-            "colour": _Attribute(_distinct(_COLOURS), ("{e}'s favourite colour is {v}.",),
-                                 "What is {e}'s favourite colour?"),
-            "pet": _Attribute(_distinct(_ANIMALS), ("{e} keeps a pet {v}.", "{e} shares a house with a pet {v}."),
-                              "What kind of pet does {e} keep?"),
-        },
-    ),
-    _EntityKind(
-        name=_NamePool.company, mention="{name}",
-        attributes={
-            "founding year": _Attribute(_years, ("{e} was founded in {v}.",), "In what year was {e} founded?"),
-            "headquarters": _Attribute(_towns, ("{e} has its headquarters in {v}.", "{e} is based in {v}."),
-                                       "In which town is {e} based?"),
-            "product": _Attribute(_distinct(_PRODUCTS), ("{e} makes {v}.", "{e} is known for the {v} it sells."),
-                                  "What does {e} make?"),
-            "staff": _Attribute(_counts(20, 5000), ("{e} employs {v} people.",), "How many people does {e} employ?"),
-            "founder": _Attribute(_people, ("{e} was started by {v}.",), "Who founded {e}?"),
-        },
-    ),
-    _EntityKind(
-        name=_NamePool.town, mention="{name}",
-        attributes={
-            "population": _Attribute(_counts(1_000, 95_000), ("{e} has a population of {v}.",),
-                                     "What is the population of {e}?"),
-            "river": _Attribute(lambda rng, names, count: [f"River {r}" for r in rng.sample(_RIVERS, count)],
-                                ("{e} lies on the {v}.", "The {v} flows through {e}."),
-                                "Which river flows through {e}?",
-                                golds=lambda value: (value, value.removeprefix("River "))),
-            "specialty": _Attribute(_distinct(_SPECIALTIES), ("{e} is famous for its {v}.",),
-                                    "What is {e} famous for?"),
-            "mayor": _Attribute(_people, ("The mayor of {e} is {v}.",), "Who is the mayor of {e}?"),
-            "founding year": _Attribute(_years, ("{e} was founded in {v}.",), "In what year was {e} founded?"),
-        },
-    ),
-    _EntityKind(
-        name=_NamePool.ship, mention="the {name}",
-        attributes={
-            "hull colour": _Attribute(_distinct(_COLOURS), ("The hull of {e} is painted {v}.",),
-                                      "What colour is the hull of {e}?"),
-            "launch year": _Attribute(_years, ("{e} was launched in {v}.",), "In what year was {e} launched?"),
-            "captain": _Attribute(_people, ("{e} is commanded by Captain {v}.",), "Who is the captain of {e}?"),
-            "passengers": _Attribute(_counts(12, 900), ("{e} can carry {v} passengers.",),
-                                     "How many passengers can {e} carry?"),
-            "home port": _Attribute(_towns, ("{e} sails from {v}.", "The home port of {e} is {v}."),
-                                    "What is the home port of {e}?"),
-        },
-    ),
-)
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
-def _context_qa_item(index: int, rng: random.Random) -> Example:
-    """One passage about 3-4 entities of one kind, 3 facts each, and a question about one fact.
-
-    All entities get the same three kinds of fact, so the passage always holds distractors of the
-    asked type (other towns, other years, ...) and only reading the right sentence gives the answer.
-    """
-    while True:
-        names = _NamePool(rng)
-        kind = rng.choice(_ENTITY_KINDS)
-        entity_count = rng.randint(3, 4)
-        entities = [kind.name(names) for _ in range(entity_count)]
-        asked = rng.sample(sorted(kind.attributes), 3)
-        values = {attribute: kind.attributes[attribute].draw(rng, names, entity_count) for attribute in asked}
-
-        sentences = []
-        for position, entity in enumerate(entities):
-            mention = kind.mention.format(name=entity)
-            for attribute in rng.sample(asked, len(asked)):
-                statement = rng.choice(kind.attributes[attribute].statements)
-                sentences.append(_sentence(statement.format(e=mention, v=values[attribute][position])))
-        passage = " ".join(sentences)
-
-        target = rng.randrange(entity_count)
-        attribute = rng.choice(asked)
-        spec = kind.attributes[attribute]
-        question = _sentence(spec.question.format(e=kind.mention.format(name=entities[target])))
-        golds = spec.golds(values[attribute][target])
-        distractors = [spec.golds(value)[0] for position, value in enumerate(values[attribute]) if position != target]
-        # Redraw in the rare case an invented answer happens to be spelled inside the question.
-        if not any(gold.lower() in question.lower() for gold in golds):
-            return Example(f"context-qa-{index:04d}",
-                           {"passage": passage, "question": question, "distractors": " | ".join(distractors)},
-                           golds)
-
-
-def context_qa(size: int = CONTEXT_QA_SIZE, seed: int = CONTEXT_QA_SEED) -> Task:
-    """Reading comprehension where the answer exists only in a passage of the prompt.
-
-    Passages are generated from `seed` (same seed, same items) about invented people, companies,
-    towns and ships, so no model knows the answers beforehand: they must travel by attention from
-    the passage's tokens. Each item's `distractors` field lists the same-type values that the
-    passage gives for the other entities (" | "-separated), for analysing wrong answers.
-    """
-    rng = random.Random(seed)
-    examples = [_context_qa_item(index, rng) for index in range(size)]
-    return make_reading_task(
-        "context-qa", examples,
-        "Reading comprehension over generated passages about invented entities, with same-type distractors.",
-        source=f"generated by evals.tasks.context_qa (seed {seed})",
-        licence="Apache-2.0 (project code)",
-        credit="minillm",
-    )
-
-
 # --- summarization ---------------------------------------------------------------------------
 
 def summarization() -> Task:
@@ -597,22 +512,34 @@ def summarization() -> Task:
 
 # --- registry --------------------------------------------------------------------------------
 
+def _context_qa() -> Task:
+    # Imported here: evals.context_qa builds on this module.
+    from evals.context_qa import context_qa
+
+    return context_qa()
+
+
 _BUILDERS: dict[str, Callable[[], Task]] = {
     "capitals": capitals,
     "fanoutqa": fanoutqa,
-    "context-qa": context_qa,
+    "context-qa": _context_qa,
     "summarization": summarization,
 }
 TASKS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def get_task(name: str, limit: int | None = None) -> Task:
-    """The built-in task `name`, keeping only its first `limit` examples when given (order is fixed)."""
+    """The built-in task `name`, with `limit` of its examples spread evenly over it when given."""
     if name not in _BUILDERS:
         raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
-    task = _BUILDERS[name]()
-    if limit is None:
-        return task
-    if limit < 1:
-        raise ValueError(f"limit must be a positive number of examples, got {limit}")
-    return dataclasses.replace(task, examples=task.examples[:limit])
+    return evenly_spaced(_BUILDERS[name](), limit)
+
+
+def describe_tasks() -> list[dict]:
+    """One row per built-in task: name, scored examples, demonstrations, metric, chance level, description."""
+    rows = []
+    for name in TASKS:
+        task = get_task(name)
+        rows.append({"task": name, "examples": len(task.examples), "shots": len(task.shots),
+                     "metric": task.primary, "chance": task.chance, "description": task.description})
+    return rows

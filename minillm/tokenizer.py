@@ -13,9 +13,8 @@ Everything a vocabulary file does not say comes from the folder's json files:
                       silently costs accuracy, so it is read, never guessed by model name.
     special tokens    `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`) and
                       `config.json` (`bos_token_id`, `eos_token_id`, `pad_token_id`).
-    chat_template     a Jinja template. We do not depend on Jinja: we recognise the two
-                      formats our models use, ChatML (`<|im_start|>`) and `[INST]`
-                      (Llama-2 / Mistral), and format them in Python.
+    chat_template     a Jinja template, rendered with jinja2 the way transformers renders
+                      it (see `ChatTemplate`), so any checkpoint's own chat format works.
 
 Special tokens written in the text (`<|im_start|>`, `<s>`) are encoded as their single
 ids, as transformers does, so a formatted chat prompt encodes correctly.
@@ -23,8 +22,11 @@ ids, as transformers does, so a formatted chat prompt encodes correctly.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -66,19 +68,16 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ([{"role": ..., "content": ...}]) in this model's chat format."""
-        template = self.chat_template
-        if template is None:
+        return self.chat_format().render(messages, add_generation_prompt)
+
+    def chat_format(self) -> ChatTemplate:
+        """The model's chat template with the special-token texts it writes (bos_token, eos_token)."""
+        if self.chat_template is None:
             raise TokenizerError(f"{self.source}: the model has no chat template (no chat_template in "
                                  "tokenizer_config.json), so it has no supported chat format")
-        if "<|im_start|>" in template:
-            return _format_chatml(messages, add_generation_prompt, _default_system_prompt(template))
-        if "[INST]" in template:
-            bos, eos = self._backend.token_text(self.bos_id), self._backend.token_text(self.eos_ids[0])
-            if "<<SYS>>" in template:
-                return _format_llama2(messages, bos, eos)
-            return _format_mistral(messages, bos, eos)
-        raise TokenizerError(f"{self.source}: the model has no supported chat format "
-                             "(its chat_template is neither ChatML nor [INST] style)")
+        bos = None if self.bos_id is None else self._backend.token_text(self.bos_id)
+        eos = self._backend.token_text(self.eos_ids[0]) if self.eos_ids else None
+        return ChatTemplate(self.chat_template, bos_token=bos, eos_token=eos)
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -252,61 +251,54 @@ def _unique(*candidates) -> tuple[int, ...]:
 
 # --- chat formats ------------------------------------------------------------------------------
 
-# A ChatML template that writes a fixed system turn when the caller gave none, e.g. SmolLM2's
-# '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n'. The newline
-# may be a real one or a Jinja "\n" escape; quotes or braces inside mean the text is computed.
-_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Jinja chat template and the special-token texts it may write.
+
+    Rendered as transformers renders `apply_chat_template`: a sandboxed Jinja environment (a
+    template is data from the internet, so it must not reach Python objects), blocks trimmed,
+    loop controls, and the helpers templates call: `raise_exception(message)`, `tojson`,
+    `strftime_now(format)`. The variables are `messages`, `add_generation_prompt`, `bos_token`
+    and `eos_token`.
+    """
+
+    source: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`; a template's own `raise_exception` becomes a TokenizerError."""
+        import jinja2
+
+        try:
+            return _compile_chat_template(self.source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as error:
+            raise TokenizerError(f"chat template: {error}") from None
 
 
-def _default_system_prompt(template: str) -> str | None:
-    found = _DEFAULT_SYSTEM.search(template)
-    return found.group(1).replace("\\n", "\n") if found else None
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(source: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise TokenizerError(f"chat template: not a valid Jinja template ({error})") from None
 
 
-def _format_chatml(messages: list[dict], add_generation_prompt: bool, default_system: str | None) -> str:
-    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, plus the template's default system turn."""
-    if default_system is not None and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": default_system}] + list(messages)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+def _raise_exception(message: str):
+    raise TokenizerError(f"chat template: {message}")
 
 
-def _format_llama2(messages: list[dict], bos: str, eos: str) -> str:
-    """Llama-2-chat: `<s>[INST] {user} [/INST] {answer} </s>` per turn; a system text goes in <<SYS>>."""
-    system, turns = _split_system(messages)
-    text = ""
-    for index, message in enumerate(turns):
-        content = message["content"]
-        if index == 0 and system is not None:
-            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-        if message["role"] == "user":
-            text += f"{bos}[INST] {content.strip()} [/INST]"
-        else:
-            text += f" {content.strip()} {eos}"
-    return text
-
-
-def _format_mistral(messages: list[dict], bos: str, eos: str) -> str:
-    """Mistral-Instruct: `<s>[INST] {user} [/INST]{answer}</s>[INST] ...`; it has no system turn."""
-    system, turns = _split_system(messages)
-    if system is not None:
-        raise TokenizerError("this model's [INST] chat format has no system message")
-    text = bos
-    for message in turns:
-        if message["role"] == "user":
-            text += f"[INST] {message['content']} [/INST]"
-        else:
-            text += f"{message['content']}{eos}"
-    return text
-
-
-def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
-    """(system text or None, the user/assistant turns), checking the turns alternate starting with user."""
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    turns = messages[1:] if system is not None else list(messages)
-    for index, message in enumerate(turns):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise TokenizerError(f"message {index} has role {message['role']!r}; [INST] chats alternate "
-                                 "user/assistant, starting with user")
-    return system, turns
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters, which would change the prompt text.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -8,7 +8,10 @@ import pytest
 
 from evals.loaders import (
     DataError,
+    default_task_name,
     load_cnn_dailymail,
+    load_data,
+    load_hf,
     load_hf_qa,
     load_hf_summarization,
     load_jsonl_qa,
@@ -16,7 +19,7 @@ from evals.loaders import (
     load_squad,
     load_xsum,
 )
-from evals.tasks import FACTOID_TEMPLATE, READING_SHOT, READING_TEMPLATE, SUMMARY_TEMPLATE
+from evals.tasks import FACTOID_TEMPLATE, READING_TEMPLATE, SUMMARY_TEMPLATE, with_shots
 
 SQUAD = {
     "version": "v2.0",
@@ -56,18 +59,21 @@ def jsonl(path, rows):
 # --- SQuAD -----------------------------------------------------------------------------------
 
 def test_load_squad(tmp_path):
-    task = load_squad(write(tmp_path / "dev.json", json.dumps(SQUAD, indent=1)))
-    assert task.name == "squad:dev" and task.template == READING_TEMPLATE and task.shots == (READING_SHOT,)
+    # Zero shots: all the data is scored (a reading task draws its demonstrations from its own data).
+    task = with_shots(load_squad(write(tmp_path / "dev.json", json.dumps(SQUAD, indent=1))), 0)
+    assert task.name == default_task_name(tmp_path / "dev.json") and task.template == READING_TEMPLATE
     assert [example.id for example in task.examples] == ["q1", "q3"]  # the unanswerable q2 is skipped
     first = task.examples[0]
     assert first.golds == ("1871", "in 1871")  # duplicates merged, order kept
     context = SQUAD["data"][0]["paragraphs"][0]["context"]
-    assert first.fields == {"question": "When was the lighthouse lit?", "passage": context}
+    assert first.fields == {"question": "When was the lighthouse lit?", "context": context}
     assert task.prompt(first).endswith(
         "Passage: The lighthouse at Cape Morrow was lit in 1871 and painted red in 1902.\n"
         "Question: When was the lighthouse lit?\nAnswer:")
     assert task.score("in 1871.", first)["exact_match"] == 1.0
-    assert [example.id for example in load_squad(tmp_path / "dev.json", limit=1).examples] == ["q1"]
+    with_one_shot = load_squad(tmp_path / "dev.json")
+    assert len(with_one_shot.shots) == 1 and len(with_one_shot.examples) == 1  # never all the data as shots
+    assert len(load_squad(tmp_path / "dev.json", limit=1).examples) == 1
 
 
 def test_load_squad_bad_json_names_file_and_line(tmp_path):
@@ -86,7 +92,7 @@ def test_load_squad_bad_json_names_file_and_line(tmp_path):
         (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers="1871"),
          r'qas\[0\]: field "answers" must be a list'),
         (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"].append(["1871"]),
-         r'qas\[0\]\.answers\[3\]: expected an object with field "text"'),
+         r'qas\[0\]: field "answers.text": answers\[3\] is not an object with field "text"'),
         (lambda d: d.pop("data"), r'missing field "data"'),
     ],
 )
@@ -108,14 +114,14 @@ def test_load_jsonl_qa_closed_book_and_with_context(tmp_path):
     path = jsonl(tmp_path / "mine.jsonl", rows)
 
     closed = load_jsonl_qa(path, question="q", answers="a")
-    assert closed.name == "qa:mine" and closed.template == FACTOID_TEMPLATE
+    assert closed.name == default_task_name(path) and closed.template == FACTOID_TEMPLATE
     assert [example.id for example in closed.examples] == ["mine-1", "mine-2", "mine-3"]
     assert [example.golds for example in closed.examples] == [("Lima",), ("N'Djamena", "Ndjamena"), ("100",)]
     assert closed.prompt(closed.examples[0]).endswith("\nQ: Capital of Peru?\nA:")
 
-    reading = load_jsonl_qa(path, question="q", answers="a", context="ctx", name="mine", limit=2)
-    assert reading.name == "mine" and reading.template == READING_TEMPLATE and len(reading.examples) == 2
-    assert reading.examples[1].fields == {"question": "Capital of Chad?", "passage": "Chad's capital is N'Djamena."}
+    reading = with_shots(load_jsonl_qa(path, question="q", answers="a", context="ctx", name="mine"), 0)
+    assert reading.name == "mine" and reading.template == READING_TEMPLATE and len(reading.examples) == 3
+    assert reading.examples[1].fields == {"question": "Capital of Chad?", "context": "Chad's capital is N'Djamena."}
 
 
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
@@ -131,7 +137,7 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         ({"question": "q?"}, r':3: missing field "answers"'),
         ({"question": "q?", "answers": {"a": 1}}, r':3: field "answers" must be a string or a list of strings'),
         ({"question": "q?", "answers": [["nested"]]}, r':3: field "answers" must be a string or a list of strings'),
-        ({"question": ["q?"], "answers": "a"}, r':3: field "question" must be a string, not list'),
+        ({"question": ["q?"], "answers": "a"}, r':3: field "question" must be a string, not a list'),
         (["question", "answers"], r":3: expected a JSON object, got list"),
     ],
 )
@@ -164,7 +170,8 @@ DOCUMENT = "The harbour wall at Kells was rebuilt after winter storms. Fishing b
 def test_load_xsum_and_cnn_dailymail_field_names(tmp_path):
     xsum_row = {"id": "x1", "document": DOCUMENT, "summary": "Kells wall rebuilt."}
     xsum = load_xsum(jsonl(tmp_path / "xsum.jsonl", [xsum_row]))
-    assert xsum.name == "xsum:xsum" and xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
+    assert xsum.name == default_task_name(tmp_path / "xsum.jsonl")
+    assert xsum.template == SUMMARY_TEMPLATE and xsum.metric == "rouge"
     assert xsum.examples[0].id == "x1" and xsum.examples[0].golds == ("Kells wall rebuilt.",)
     assert xsum.prompt(xsum.examples[0]).endswith(f"Article: {DOCUMENT}\nSummary:")
 
@@ -184,7 +191,6 @@ def test_summarization_missing_field_names_file_and_line(tmp_path):
         load_jsonl_summarization(path)
     with pytest.raises(DataError, match=r'news\.jsonl:1: missing field "article"'):
         load_cnn_dailymail(path)
-    assert len(load_jsonl_summarization(path, limit=2).examples) == 2  # reading stops before the bad line
 
 
 def test_summarization_empty_summary_is_an_error(tmp_path):
@@ -197,7 +203,7 @@ def test_summarization_empty_summary_is_an_error(tmp_path):
 
 def test_hf_loader_without_datasets_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(DataError, match="pip install datasets"):
         load_hf_qa("squad")
 
 
@@ -219,7 +225,7 @@ def test_hf_loaders_with_a_stand_in_datasets_module(monkeypatch):
 
     qa = load_hf_qa("squad")
     assert [(example.id, example.golds) for example in qa.examples] == [("s1", ("goats",))]
-    assert qa.examples[0].fields["passage"] == "Ada Venn kept goats." and qa.name == "hf:squad"
+    assert qa.examples[0].fields["context"] == "Ada Venn kept goats." and qa.name == "squad[validation]"
 
     news = load_hf_summarization("cnn_dailymail", config="3.0.0", split="test",
                                  document="article", summary="highlights")
@@ -228,3 +234,120 @@ def test_hf_loaders_with_a_stand_in_datasets_module(monkeypatch):
 
     with pytest.raises(DataError, match=r'cnn_dailymail\[validation\] row 0: missing field "document"'):
         load_hf_summarization("cnn_dailymail")
+
+
+# --- the command line's entry points: formats, roles, names, encodings -------------------------
+
+def test_two_data_jsonl_files_in_different_folders_are_two_tasks(tmp_path):
+    rows = [{"question": "a?", "answers": "x"}, {"question": "b?", "answers": "y"}]
+    first = load_data(jsonl((tmp_path / "one").mkdir() or tmp_path / "one" / "data.jsonl", rows), "qa-jsonl")
+    second = load_data(jsonl((tmp_path / "two").mkdir() or tmp_path / "two" / "data.jsonl", rows), "qa-jsonl")
+    assert first.name != second.name
+    assert first.name.startswith("data-") and second.name.startswith("data-")
+    assert load_data(tmp_path / "one" / "data.jsonl", "qa-jsonl").name == first.name  # stable
+    assert load_data(tmp_path / "one" / "data.jsonl", "qa-jsonl", name="mine").name == "mine"
+
+
+def test_fields_map_roles_to_nested_fields(tmp_path):
+    rows = [{"uid": "u1", "query": {"text": "Capital of Peru?"}, "passage": "Peru's capital is Lima.",
+             "gold": [{"text": "Lima"}, {"text": "Lima, Peru"}]},
+            {"uid": "u2", "query": {"text": "Capital of Chad?"}, "passage": "Chad's capital is N'Djamena.",
+             "gold": [{"text": "N'Djamena"}]}]
+    path = jsonl(tmp_path / "nested.jsonl", rows)
+    task = with_shots(load_data(path, "qa-jsonl", fields="question=query.text,context=passage,answers=gold.text,"
+                                                          "id=uid"), 0)
+    assert [example.id for example in task.examples] == ["u1", "u2"]
+    assert task.examples[0].fields == {"question": "Capital of Peru?", "context": "Peru's capital is Lima."}
+    assert task.examples[0].golds == ("Lima", "Lima, Peru")
+    assert task.template == READING_TEMPLATE
+    closed = load_data(path, "qa-jsonl", fields={"question": "query.text", "answers": "gold.text"})
+    assert closed.template == FACTOID_TEMPLATE  # no "context" field in the data: closed-book
+
+
+def test_qa_jsonl_uses_a_context_field_when_the_data_has_one(tmp_path):
+    rows = [{"question": f"q{i}?", "context": f"c{i}.", "answers": f"a{i}"} for i in range(3)]
+    path = jsonl(tmp_path / "qa.jsonl", rows)
+    assert load_data(path, "qa-jsonl").template == READING_TEMPLATE
+    assert load_data(path, "qa-jsonl", fields="context=").template == FACTOID_TEMPLATE
+
+
+def test_summarization_with_other_field_names(tmp_path):
+    path = jsonl(tmp_path / "news.jsonl", [{"key": "n1", "body": DOCUMENT, "tldr": "Wall rebuilt."}])
+    task = load_data(path, "summarization-jsonl", fields="document=body,summary=tldr,id=key")
+    assert task.examples[0].id == "n1" and task.examples[0].golds == ("Wall rebuilt.",)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("question=q,colour=c",
+         r"--fields: unknown role 'colour' for qa-jsonl \(roles: question, context, answers, id\)"),
+        ("question", r"'question' is not ROLE=FIELD"),
+        ("question=q,question=r", r"role 'question' is given twice"),
+        ("answers=", r"role 'answers' needs a field name"),
+    ],
+)
+def test_bad_fields_are_one_line(tmp_path, fields, message):
+    path = jsonl(tmp_path / "qa.jsonl", [{"question": "a?", "answers": "x"}])
+    with pytest.raises(DataError, match=message) as error:
+        load_data(path, "qa-jsonl", fields=fields)
+    assert "\n" not in str(error.value)
+
+
+def test_formats_are_checked(tmp_path):
+    path = jsonl(tmp_path / "qa.jsonl", [{"question": "a?", "answers": "x"}])
+    with pytest.raises(DataError, match="unknown data format 'csv'"):
+        load_data(path, "csv")
+    with pytest.raises(DataError, match=r"qa\.jsonl: say which format"):
+        load_data(path)
+    squad = write(tmp_path / "dev.json", json.dumps(SQUAD))
+    assert load_data(squad).template == READING_TEMPLATE  # .json is SQuAD
+    with pytest.raises(DataError, match="--fields does not apply to SQuAD"):
+        load_data(squad, "squad", fields="question=q")
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read the file"):
+        load_data(tmp_path / "missing.jsonl", "qa-jsonl")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinity_answers_are_refused_not_read_as_text(tmp_path, constant):
+    lines = ['{"question": "a?", "answers": "x"}', f'{{"question": "b?", "answers": [{constant}]}}']
+    path = jsonl(tmp_path / "qa.jsonl", lines)
+    with pytest.raises(DataError, match=r'qa\.jsonl:2: field "answers" must be a string .*NaN or Infinity'):
+        load_data(path, "qa-jsonl")
+    squad = json.dumps(SQUAD).replace('"text": "goats"', f'"text": {constant}')
+    with pytest.raises(DataError, match=r'paragraphs\[1\]\.qas\[0\]: field "answers.text" .*NaN or Infinity'):
+        load_squad(write(tmp_path / "dev.json", squad))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("utf-16", r"nonascii\.jsonl: the file is UTF-16"),
+        ("utf-16-le", r"nonascii\.jsonl:2: not UTF-8 .*zero bytes, as UTF-16"),
+        ("latin-1", r"nonascii\.jsonl:2: not UTF-8 \(byte 0xf9; it looks like Latin-1"),
+    ],
+)
+def test_files_not_in_utf8_are_named_with_their_encoding_problem(tmp_path, encoding, message):
+    text = '{"question": "a?", "answers": "x"}\n{"question": "Où est le café?", "answers": "là"}\n'
+    path = tmp_path / "nonascii.jsonl"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=message) as error:
+        load_data(path, "qa-jsonl")
+    assert "\n" not in str(error.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # UTF-8 with a byte-order mark is fine
+    assert with_shots(load_data(path, "qa-jsonl"), 0).examples[1].golds == ("là",)
+
+
+def test_load_hf_with_formats_and_fields(monkeypatch):
+    tables = {("squad", None, "validation"): [{"id": "s1", "context": "Ada kept goats.", "question": "What?",
+                                               "answers": {"text": ["goats"], "answer_start": [9]}}],
+              ("trivia", "rc", "train"): [{"q": "Capital of Peru?", "a": {"aliases": ["Lima"]}}]}
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: tables[name, config, split])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    squad = load_hf("squad")
+    assert squad.name == "squad[validation]" and squad.examples[0].golds == ("goats",)
+    trivia = load_hf("trivia:rc", "qa-jsonl", split="train", fields="question=q,answers=a.aliases")
+    assert trivia.name == "trivia:rc[train]" and trivia.template == FACTOID_TEMPLATE
+    assert trivia.examples[0].golds == ("Lima",)
+    with pytest.raises(DataError, match=r"nope: cannot load split 'validation' \(KeyError"):
+        load_hf("nope")

@@ -1,25 +1,34 @@
-"""The Task record and the four built-in tasks: sizes, prompts, leaks, golds, chance levels."""
+"""The Task record, its shots/template/limit changes, and the four built-in tasks: sizes, prompts, leaks,
+golds, chance levels."""
 
+import dataclasses
+import json
 import math
 import re
 
 import pytest
 
+from evals.context_qa import context_qa
 from evals.metrics import normalize_answer, split_sentences
 from evals.tasks import (
     CAPITALS_SHOTS,
     FACTOID_SHOTS,
-    READING_SHOT,
+    READING_TEMPLATE,
     SUMMARY_SHOT,
     TASKS,
     Example,
     Task,
     chance_level,
-    context_qa,
+    describe_tasks,
+    evenly_spaced,
     get_task,
     swap_pairs,
+    template_fields,
     truncate_at_stop,
+    with_shots,
+    with_template,
 )
+from minillm.tokenizer import ChatTemplate
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +37,11 @@ def tasks():
 
 
 def _toy_task(**overrides):
-    settings = dict(
-        name="toy", description="toy task", template="Q: {question}\nA:",
-        examples=(Example("a", {"question": "one?"}, ("1",)), Example("b", {"question": "two?"}, ("2",))),
-        metric="squad", primary="exact_match", max_new_tokens=4, stop=("\n",),
-    )
+    settings = {
+        "name": "toy", "description": "toy task", "template": "Q: {question}\nA:",
+        "examples": (Example("a", {"question": "one?"}, ("1",)), Example("b", {"question": "two?"}, ("2",))),
+        "metric": "squad", "primary": "exact_match", "max_new_tokens": 4, "stop": ("\n",),
+    }
     return Task(**(settings | overrides))
 
 
@@ -91,12 +100,111 @@ def test_chance_level_by_hand():
 
 def test_get_task_limit_and_unknown_names():
     assert TASKS == ("capitals", "fanoutqa", "context-qa", "summarization")
-    limited = get_task("capitals", limit=5)
-    assert limited.examples == get_task("capitals").examples[:5]
+    limited, everything = get_task("capitals", limit=5), get_task("capitals").examples
+    step = len(everything) / 5  # "limit" means examples spread evenly over the task, everywhere
+    assert limited.examples == tuple(everything[int(i * step)] for i in range(5))
     with pytest.raises(KeyError, match="built-in tasks: capitals"):
         get_task("squad")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="at least 1"):
         get_task("capitals", limit=0)
+
+
+# --- shots, templates, limits, chat, settings ----------------------------------------------
+
+def _numbered_task(size=10, **overrides):
+    examples = tuple(Example(f"e{i}", {"question": f"q{i}?", "context": f"c{i}."}, (f"a{i}",)) for i in range(size))
+    return _toy_task(examples=examples, **overrides)
+
+
+def ids(examples):
+    return tuple(example.id for example in examples)
+
+
+def test_with_shots_draws_from_the_data_by_seed_and_never_scores_a_shot():
+    task = _numbered_task()
+    one = with_shots(task, 1, seed=3)
+    assert len(one.shots) == 1 and len(one.examples) == 9 and one.shot_seed == 3
+    assert one.shots[0] not in one.examples
+    assert one.prompt(one.examples[0]).count("A:") == 2  # one demonstration, then the scored question
+    assert with_shots(task, 1, seed=3) == one  # deterministic
+    assert len({ids(with_shots(task, 2, seed=seed).shots) for seed in range(6)}) > 1
+    # Redrawing puts earlier drawn shots back first; zero shots scores all the data.
+    assert set(ids(with_shots(one, 0).examples)) == set(ids(task.examples)) and with_shots(one, 0).shots == ()
+    three = with_shots(one, 3, seed=1)
+    assert sorted(ids(three.examples) + ids(three.shots)) == sorted(ids(task.examples))
+    # Hand-written demonstrations are replaced, not added to.
+    fixed = _numbered_task(shots=(Example("s", {"question": "zero?", "context": "."}, ("0",)),))
+    assert "zero?" not in with_shots(fixed, 1).prompt(task.examples[0])
+    with pytest.raises(ValueError, match="no example to score"):
+        with_shots(task, 10)
+
+
+def test_reading_tasks_draw_their_demonstrations_instead_of_a_fixed_year():
+    task = get_task("context-qa")
+    assert len(task.shots) == 2 and task.shot_seed == 0
+    shot_answers = [shot.golds[0] for shot in task.shots]
+    assert "1971" not in shot_answers
+    assert not all(re.fullmatch(r"\d{4}", answer) for answer in shot_answers)
+    assert all(f"Answer: {answer}\n\n" in task.prefix for answer in shot_answers)
+
+
+def test_with_template_fills_named_fields_and_names_an_unknown_one():
+    task = with_template(_numbered_task(), "Context: {context}\nQ: {question}\nShort answer:")
+    assert task.prompt(task.examples[1]) == "Context: c1.\nQ: q1?\nShort answer:"
+    with pytest.raises(ValueError, match=r"unknown field \{passage\}.*its fields: \{context\}, \{question\}"):
+        with_template(_numbered_task(), "{passage} {question}")
+    with pytest.raises(ValueError, match="no field"):
+        with_template(_numbered_task(), "Answer:")
+    for bad in ("{0}", "{}", "{question.upper}", "{question!r}", "Q: {question"):
+        with pytest.raises(ValueError, match="template"):
+            template_fields(bad)
+    assert template_fields("{{literal}} {question}") == ["question"]
+
+
+def test_evenly_spaced_is_the_one_meaning_of_limit():
+    task = _numbered_task()
+    assert [example.id for example in evenly_spaced(task, 3).examples] == ["e0", "e3", "e6"]
+    assert evenly_spaced(task, None) is task and evenly_spaced(task, 50) is task
+    with pytest.raises(ValueError, match="at least 1"):
+        evenly_spaced(task, 0)
+
+
+def test_chat_prompts_are_demonstration_turns_in_the_models_template():
+    chat = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    task = dataclasses.replace(with_shots(_numbered_task(), 1, seed=0), chat=chat)
+    shot, example = task.shots[0], task.examples[0]
+    assert task.prompt(example) == (f"<user>Q: {shot.fields['question']}\nA:</user>"
+                                    f"<assistant>{shot.golds[0]}</assistant>"
+                                    f"<user>Q: {example.fields['question']}\nA:</user><assistant>")
+
+
+def test_settings_change_with_anything_that_changes_prompts_or_scores():
+    task = with_shots(_numbered_task(), 1)
+    settings = task.settings()
+    assert json.loads(json.dumps(settings)) == settings  # JSON-ready
+    assert settings["shots"] == [task.shots[0].id] and settings["examples"] == 9
+    changed = [
+        with_template(task, "Question: {question}\nA:"),
+        dataclasses.replace(task, max_new_tokens=5),
+        with_shots(task, 1, seed=1),
+        evenly_spaced(task, 4),
+        dataclasses.replace(task, examples=(dataclasses.replace(task.examples[0], golds=("other",)),
+                                            *task.examples[1:])),
+        dataclasses.replace(task, chat=ChatTemplate("{{ messages[0].content }}")),
+    ]
+    for other in changed:
+        assert other.settings() != settings
+    assert with_shots(_numbered_task(), 1).settings() == settings
+
+
+def test_describe_tasks_lists_every_builtin_task_with_its_size_metric_and_chance():
+    rows = {row["task"]: row for row in describe_tasks()}
+    assert list(rows) == list(TASKS)
+    assert rows["capitals"]["examples"] == len(get_task("capitals").examples)
+    assert rows["capitals"]["metric"] == "exact_match" and rows["summarization"]["metric"] == "rougeL"
+    assert rows["summarization"]["chance"] == pytest.approx(get_task("summarization").chance)
+    assert rows["context-qa"]["shots"] == 2
 
 
 # --- every built-in task ---------------------------------------------------------------------
@@ -197,7 +305,7 @@ def test_fanoutqa_keeps_short_factoids_and_credits_the_dataset(tasks):
 
 def test_context_qa_answer_is_in_the_passage_only(tasks):
     for example in tasks["context-qa"].examples:
-        passage, question = example.fields["passage"], example.fields["question"]
+        passage, question = example.fields["context"], example.fields["question"]
         for gold in example.golds:
             assert gold in passage
             assert gold.lower() not in question.lower()
@@ -208,7 +316,7 @@ def test_context_qa_passages_hold_same_type_distractors(tasks):
         distractors = example.fields["distractors"].split(" | ")
         assert 2 <= len(distractors) <= 3
         for distractor in distractors:
-            assert distractor in example.fields["passage"]
+            assert distractor in example.fields["context"]
             assert normalize_answer(distractor) not in {normalize_answer(gold) for gold in example.golds}
             # Same type: a year for a year, a number for a number, a word for a word.
             assert bool(re.fullmatch(r"[\d,]+", distractor)) == bool(re.fullmatch(r"[\d,]+", example.golds[0]))
@@ -219,8 +327,11 @@ def test_context_qa_is_varied_and_deterministic():
     assert task.examples == context_qa(size=60).examples
     assert task.examples != context_qa(size=60, seed=1).examples
     assert len({example.fields["question"].split()[0] for example in task.examples}) >= 4  # In/What/Who/How...
-    assert len({example.fields["passage"] for example in task.examples}) == 60
-    assert task.shots == (READING_SHOT,)
+    assert len({example.fields["context"] for example in task.examples}) == 58
+    # Its two demonstrations come from its own data (seed 0) and are not scored.
+    assert task.template == READING_TEMPLATE and task.shot_seed == 0 and len(task.shots) == 2
+    assert {example.id for example in with_shots(task, 0).examples} == {f"context-qa-{i:04d}" for i in range(60)}
+    assert not {shot.id for shot in task.shots} & {example.id for example in task.examples}
 
 
 # --- summarization ---------------------------------------------------------------------------
