@@ -117,6 +117,8 @@ class Counts:
     scalar_reads: int = 0  # aten._local_scalar_dense: .item(), bool(tensor), ...
     data_dependent: int = 0  # ops whose output size depends on values (a sync on a GPU)
     host_reads: int = 0  # Python-level: .item(), .tolist(), .cpu(), bool(tensor), copies to the CPU
+    to_device: int = 0  # ATen copies from host memory to the device (only seen with --device cuda)
+    to_host: int = 0  # ATen copies from the device to host memory (only seen with --device cuda)
     by_op: Counter = field(default_factory=Counter)
     host_read_sites: Counter = field(default_factory=Counter)
     launch_files: Counter = field(default_factory=Counter)
@@ -129,6 +131,15 @@ def returns_tensor(out) -> bool:
     if isinstance(out, (tuple, list)):
         return any(isinstance(o, torch.Tensor) for o in out)
     return isinstance(out, torch.Tensor)
+
+
+def crossing(func, args, out) -> tuple[str | None, str | None]:
+    """(source, target) device types of a copy op, (None, None) for other ops."""
+    if func is torch.ops.aten._to_copy.default:
+        return args[0].device.type, out.device.type
+    if func is torch.ops.aten.copy_.default:
+        return args[1].device.type, args[0].device.type
+    return None, None
 
 
 def is_data_dependent(func, args) -> bool:
@@ -163,6 +174,12 @@ class DispatchCounter(TorchDispatchMode):
             c.launch_files[caller().split(":")[0]] += 1
             if func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
                 c.casts += 1
+            source, target = crossing(func, args, out)
+            if source == "cpu" and target != "cpu":
+                c.to_device += 1
+            elif source != "cpu" and target == "cpu":
+                c.to_host += 1
+                c.host_read_sites[f"copy to the host at {caller()}"] += 1
             if is_data_dependent(func, args):
                 c.data_dependent += 1
                 c.host_read_sites[f"data-dependent {name} at {caller()}"] += 1
@@ -297,7 +314,7 @@ def main() -> None:
 
 
 TABLE_HEAD = ("| kv heads | dtype | batch | kind (k = 16) | ops | kernel-launching | per layer | views | casts "
-              "| host reads (Python) | `_local_scalar_dense` | data-dependent | ms/step |")
+              "| host reads (Python) | `_local_scalar_dense` | data-dependent | copies to device / to host | ms/step |")
 
 
 def row_line(row) -> str:
@@ -306,7 +323,7 @@ def row_line(row) -> str:
     flag = "" if steady else " (steps differ!)"
     return (f"| {kv_heads} | {dtype_name} | {batch} | {case.name}{flag} | {c.ops} | {c.launching} "
             f"| {c.launching / LAYERS:.1f} | {c.views} | {c.casts} | {c.host_reads} | {c.scalar_reads} "
-            f"| {c.data_dependent} | {ms_text} |")
+            f"| {c.data_dependent} | {c.to_device} / {c.to_host} | {ms_text} |")
 
 
 def report(rows, header: str, args) -> list[str]:
@@ -320,12 +337,14 @@ def report(rows, header: str, args) -> list[str]:
                     "bare allocations, host-side ops (`promote_types`) or scalar reads; casts: dtype conversions; "
                     "host reads (Python): `.item()`, `.tolist()`, `.cpu()`, `bool(tensor)`, ... (TorchFunctionMode); "
                     "`_local_scalar_dense`: the ATen op behind `.item()`/`bool()`; data-dependent: ops whose output "
-                    "size depends on values (nonzero, unique, boolean-mask indexing), each a sync on a GPU. "
+                    "size depends on values (nonzero, unique, boolean-mask indexing), each a sync on a GPU; "
+                    "copies between host and device memory (aten `_to_copy`/`copy_`; always 0 on a CPU run, where "
+                    "host and device are the same). "
                     "ms/step: one step's time on this device (CPU time on a CPU, wall time on a GPU; "
                     f"{args.time_steps} steps, best of 2); with a model this narrow it is nearly all per-op overhead.")
     lines = ["# Ops and host round-trips per decode step", "",
              f"Command: `OMP_NUM_THREADS=1 {command.strip()}`", "", header, "", model_text, "", columns_text, "",
-             TABLE_HEAD, "|" + "---|" * 4 + "---:|" * 9]
+             TABLE_HEAD, "|" + "---|" * 4 + "---:|" * 10]
     lines += [row_line(row) for row in rows]
 
     first = rows[0]
