@@ -50,7 +50,7 @@ Run
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,7 +70,8 @@ LAYERS, HEADS, K = 32, 32, 16
 HIDDEN, MLP, VOCAB = 256, 688, 1000  # narrow stand-ins for 4096, 11008, 32000
 PROMPT_TOKENS = 16
 REPO = Path(__file__).resolve().parent.parent
-THIS_FILE = os.path.abspath(__file__)
+THIS_FILE = str(Path(__file__).resolve())
+TORCH_DIR = Path(torch.__file__).resolve().parent
 
 ALLOCATION_ONLY = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 HOST_READ_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
@@ -91,17 +92,21 @@ def parse_args() -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- counting
 
+@functools.cache
+def project_file(filename: str) -> str | None:
+    """The file's path in this repository, or None for torch's own files and this script."""
+    path = Path(filename).resolve()
+    if path.is_relative_to(TORCH_DIR) or str(path) == THIS_FILE:
+        return None
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else filename
+
+
 def caller() -> str:
     """file:line of the innermost frame outside torch and outside this file: the code that caused the event."""
     frame = sys._getframe(2)
-    torch_dir = os.path.dirname(torch.__file__)
     while frame is not None:
-        name = frame.f_code.co_filename
-        if not name.startswith(torch_dir) and os.path.abspath(name) != THIS_FILE:
-            try:
-                name = str(Path(name).resolve().relative_to(REPO))
-            except ValueError:
-                pass
+        name = project_file(frame.f_code.co_filename)
+        if name is not None:
             return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return "?"
