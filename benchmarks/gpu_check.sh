@@ -115,6 +115,16 @@ step reproduce "$PY" -m minillm.cli reproduce --quick --device "$DEVICE" --out "
 [ -z "$KEEP" ] && rm -rf "$ROOT"
 
 # ----------------------------------------------------------------------------- summary.md
+excerpt() {  # the results part of a step's output (its last 30 lines when that part is missing)
+    local text=""
+    case "$1" in
+        model) text="$(sed -n '/^dtype /,$p' "$OUT/model.log")" ;;
+        ops) [ -f "$OUT/ops.md" ] && text="$(grep '^|' "$OUT/ops.md")" ;;
+        sweep) text="$(sed -n '/^the whole sweep/,$p' "$OUT/sweep.log")" ;;
+    esac
+    if [ -n "$text" ]; then echo "$text"; else tail -n 30 "$OUT/$1.log"; fi
+}
+
 {
     echo "# GPU check$([ "$SMOKE" = 1 ] && echo ' (CPU smoke run on tiny shapes: checks the script, measures nothing)')"
     echo
@@ -143,10 +153,10 @@ print(machine_header(parse_device('$DEVICE')))"
     for name in load_memory model ops sweep reproduce; do
         [ -f "$OUT/$name.log" ] || continue
         echo
-        echo "## $name (end of $name.log)"
+        echo "## $name"
         echo
         echo '```'
-        tail -n 30 "$OUT/$name.log"
+        excerpt "$name"
         echo '```'
     done
 } > "$OUT/summary.md"
