@@ -56,8 +56,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import torch
-from common import Timer, add_device_argument, machine_header, parse_device
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -80,7 +80,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_device_argument(parser)
+    common.add_device_argument(parser)
     parser.add_argument("--kv-heads", default="32,8", help="key/value head counts, comma-separated (default 32,8)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="default float32,bfloat16")
     parser.add_argument("--batches", default="1,8", help="default 1,8")
@@ -285,7 +285,7 @@ def ms_per_step(model, batch: int, case: Case, device: torch.device, steps: int)
         call()  # warm-up
         best = float("inf")
         for _ in range(2):
-            with Timer(device) as t:
+            with common.Timer(device) as t:
                 call()
             best = min(best, t.cpu if device.type == "cpu" else t.wall)
         times[name] = best
@@ -296,9 +296,9 @@ def ms_per_step(model, batch: int, case: Case, device: torch.device, steps: int)
 
 def main() -> None:
     args = parse_args()
-    device = parse_device(args.device)
+    device = common.parse_device(args.device)
     torch.set_grad_enabled(False)
-    header = machine_header(device)
+    header = common.machine_header(device)
     print(header)
     rows = []
     for kv_heads in map(int, args.kv_heads.split(",")):
@@ -310,7 +310,7 @@ def main() -> None:
                     ms = ms_per_step(model, batch, case, device, args.time_steps) if args.time_steps else None
                     rows.append((kv_heads, dtype_name, batch, case, counts, steady, ms))
                     print(row_line(rows[-1]), flush=True)
-    lines = report(rows, header, args)
+    lines = report(rows, header, args) + ["", common.format_peak_memory(device) + " over the whole run."]
     print("\n" + "\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
