@@ -42,7 +42,7 @@ How it is counted
     (file:line), which is listed for the host round-trips.
 
 Run
-    python benchmarks/bench_ops.py                       # the table, on the CPU (a minute)
+    python benchmarks/bench_ops.py                       # the tables, on the CPU (a few minutes)
     python benchmarks/bench_ops.py --out docs/benchmarks/ops_before.md
     python benchmarks/bench_ops.py --device cuda         # the same counts made on the GPU, and ms per step
 """

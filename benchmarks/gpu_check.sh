@@ -63,7 +63,7 @@ else
     MODEL_ARGS=(--dtypes bfloat16 --repeats 3 --threads 4)
     OPS_ARGS=(--dtypes bfloat16 --time-steps 16)
     SWEEP_ARGS=(--limit capitals=8,context-qa=2 --layers 0,15)
-    TIMEOUTS=(load_memory=140 model=160 ops=90 sweep=90 reproduce=90)
+    TIMEOUTS=(load_memory=200 model=150 ops=70 sweep=80 reproduce=70)  # sum: the 570 s budget
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
