@@ -32,6 +32,8 @@ How it is counted
         `aten._local_scalar_dense` (what `.item()` and `bool(tensor)` run) is a device-to-host
         read; ops with a data-dependent output size (nonzero, unique, masked_select, indexing
         with a boolean mask) must read their result's size on the host, so they sync too.
+        Copies between host and device memory (`_to_copy`, `copy_`) are counted each way; on a
+        CPU run there are none to see, since host and device are the same memory.
     TorchFunctionMode (torch.overrides) sees the Python-level calls. It is needed for host
         round-trips, because on the CPU `.cpu()` and `.tolist()` of a CPU tensor dispatch no
         ATen op at all: counted are `.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
