@@ -31,6 +31,10 @@ What is compared
 Run
     python benchmarks/bench_efficiency.py                       # writes docs/benchmarks/efficiency.{md,png}
     python benchmarks/bench_efficiency.py --repeats 2 --quality-limit capitals=20,context-qa=8,summarization=4
+    python benchmarks/bench_efficiency.py --device cuda --out /tmp/efficiency   # wall time is the one on a GPU
+
+`--model` takes any checkpoint with a tokenizer (default the embedded SmolLM2); `--device cuda` runs on the
+GPU, with every timer synchronizing it; the peak memory (device, or host RSS) is reported at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import torch
 
 from minillm.generate import generate_tokens
@@ -63,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quality-limit", default=DEFAULT_QUALITY, help=f"examples per task ({DEFAULT_QUALITY})")
     parser.add_argument("--out", default=str(OUT), help="folder for efficiency.md and efficiency.png")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="embedded name or checkpoint folder, with a tokenizer (default smollm2-135m)")
+    common.add_device_argument(parser)
     return parser.parse_args()
 
 
@@ -117,12 +125,12 @@ def cache_bytes(model, config: Config, batch: int, length: int) -> int:
     return KVCache(model.config, batch, length, num_layers=layers).nbytes()
 
 
-def check_cache_size(model, config: Config, prompts: list[list[int]], new_tokens: int) -> None:
+def check_cache_size(model, config: Config, prompts: list[list[int]], new_tokens: int, device) -> None:
     """A prompt pass in a cache of exactly `cache_bytes`' size runs, and gives the plain model's logits."""
     from minillm.generate import left_pad
-    ids, mask = left_pad(prompts, 0)
+    ids, mask = left_pad(prompts, 0, device)
     layers = config.layer if config.efficient and config.kind == "skip_attention" else None
-    cache = KVCache(model.config, len(prompts), ids.shape[1] + new_tokens, num_layers=layers)
+    cache = KVCache(model.config, len(prompts), ids.shape[1] + new_tokens, num_layers=layers, device=device)
     a = model(ids, mask, cache=cache, manipulation=config.manipulation(), efficient=config.efficient,
               last_logits_only=True)
     b = model(ids, mask, manipulation=config.manipulation(), last_logits_only=True)
@@ -130,15 +138,15 @@ def check_cache_size(model, config: Config, prompts: list[list[int]], new_tokens
         raise RuntimeError(f"{config.name}: logits with a {cache.nbytes()}-byte cache differ from the plain model")
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(process CPU seconds, wall seconds) of one call."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    fn(*args)
-    return time.process_time() - cpu, time.perf_counter() - wall
+def timed(device, fn, *args) -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) of one call, the device synchronized on both ends."""
+    with common.Timer(device) as t:
+        fn(*args)
+    return t.cpu, t.wall
 
 
 def time_configs(model, prompts: list[list[int]], all_configs: list[Config], new_tokens: int,
-                 repeats: int) -> dict[Config, dict]:
+                 repeats: int, device) -> dict[Config, dict]:
     """Best prefill and per-token decode times of each configuration, rounds alternating over configurations."""
     def run(config: Config, steps: int):
         return generate_tokens(model, prompts, steps, manipulation=config.manipulation(),
@@ -146,15 +154,15 @@ def time_configs(model, prompts: list[list[int]], all_configs: list[Config], new
 
     results = {}
     for config in all_configs:  # warm-up, tokens kept for the check, cache size checked
-        check_cache_size(model, config, prompts, 1 + new_tokens)
+        check_cache_size(model, config, prompts, 1 + new_tokens, device)
         results[config] = {"tokens": run(config, 1 + new_tokens), "prefill": float("inf"), "total": float("inf"),
                            "prefill_wall": float("inf"), "total_wall": float("inf")}
     for _ in range(repeats):
         for config in all_configs:
             r = results[config]
-            cpu, wall = timed(run, config, 1)
+            cpu, wall = timed(device, run, config, 1)
             r["prefill"], r["prefill_wall"] = min(r["prefill"], cpu), min(r["prefill_wall"], wall)
-            cpu, wall = timed(run, config, 1 + new_tokens)
+            cpu, wall = timed(device, run, config, 1 + new_tokens)
             r["total"], r["total_wall"] = min(r["total"], cpu), min(r["total_wall"], wall)
     length = max(len(p) for p in prompts) + 1 + new_tokens
     for config, r in results.items():
@@ -262,11 +270,12 @@ def plot(path: Path, layers: list[int], num_layers: int, timing: dict[Config, di
 
 def main() -> None:
     args = parse_args()
+    device = common.parse_device(args.device)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     import minillm
 
-    model, tokenizer = minillm.load("smollm2-135m")
+    model, tokenizer = minillm.load(args.model, device=device)
     L = model.config.num_layers
     layers = [int(k) for k in args.layers.split(",")]
     limits = {name: int(n) for name, n in (item.split("=") for item in args.quality_limit.split(","))}
@@ -283,11 +292,13 @@ def main() -> None:
     timings = []
     for title, prompts in prompt_sets:
         print(f"timing: {title}, {args.new_tokens} decode steps, best of {args.repeats}", flush=True)
-        timings.append((title, time_configs(model, prompts, all_configs, args.new_tokens, args.repeats)))
+        timings.append((title, time_configs(model, prompts, all_configs, args.new_tokens, args.repeats, device)))
         print("\n".join(timing_table(title, timings[-1][1])), flush=True)
     scores = quality(model, tokenizer, limits, all_configs)
 
-    lines = [f"SmolLM2-135M-Instruct, fp32, CPU, {args.threads} thread(s), cached greedy decoding; times are "
+    model_name = "SmolLM2-135M-Instruct" if args.model == "smollm2-135m" else args.model
+    where = "CPU" if device.type == "cpu" else f"{common.gpu_info(device)} (CPU time is the host's share only)"
+    lines = [f"{model_name}, fp32, {where}, {args.threads} thread(s), cached greedy decoding; times are "
              f"process CPU time, best of {args.repeats} alternating rounds; decode: {args.new_tokens} steps.", "",
              "Command: `python " + " ".join(["benchmarks/bench_efficiency.py", *sys.argv[1:]]) + "`", ""]
     for title, results in timings:
@@ -297,6 +308,7 @@ def main() -> None:
     (out / "efficiency.md").write_text("\n".join(lines) + "\n")
     plot(out / "efficiency.png", layers, L, timings[0][1], scores)
     print("\n" + "\n".join(lines))
+    print(common.format_peak_memory(device))
     print(f"\nwrote {out / 'efficiency.md'} and {out / 'efficiency.png'} ({time.perf_counter() - start:.0f} s)")
 
 

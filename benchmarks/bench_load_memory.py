@@ -25,6 +25,11 @@ How
 The folder is read through the page cache; those pages are not part of the
 process's resident memory (the loader reads, it does not memory-map).
 
+With `--device cuda` the child loads straight onto the GPU and also reports
+torch.cuda.max_memory_allocated: the device peak should be ~1x the weights too.
+`--tiny` writes the same layout with tiny widths (hidden 64): only for checking
+that scripts using these checkpoints (benchmarks/gpu_check.sh --cpu-smoke) work.
+
 Run
     python benchmarks/bench_load_memory.py                    # both runs, temp folders deleted at the end
     python benchmarks/bench_load_memory.py --keep-dir /data/ckpt   # keep (and on reruns reuse) the checkpoints
@@ -43,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 GB = 1e9
 GIB = 2 ** 30
@@ -65,6 +72,9 @@ LLAMA2_7B = {
     "eos_token_id": 2,
     "torch_dtype": "bfloat16",
 }
+# The same layout with tiny widths: for smoke tests of the scripts, not for measuring.
+TINY = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 1000}
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,7 +90,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shard-gb", type=float, default=2.0, help="target shard size in GB (default 2)")
     parser.add_argument("--force", action="store_true",
                         help="load even when /proc/meminfo says there is not enough memory available")
-    parser.add_argument("--child", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (hidden 64), to smoke-test scripts")
+    common.add_device_argument(parser)
+    parser.add_argument("--child", nargs=3, metavar=("FOLDER", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -195,19 +207,23 @@ def proc_status_kb(field: str) -> int:
     return -1
 
 
-def child_main(folder: str, dtype_name: str) -> None:
+def child_main(folder: str, dtype_name: str, device_name: str) -> None:
     """Runs in the fresh process: load the checkpoint and print one JSON line of memory figures."""
     import resource
 
     import torch
     from minillm.checkpoint import load_model
 
+    device = common.parse_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.init()  # the CUDA context's host memory belongs to the baseline, not to the loading
     baseline_kb = proc_status_kb("VmRSS")  # Python, torch and minillm imported, nothing loaded yet
-    start = time.perf_counter()
-    model = load_model(folder, dtype=getattr(torch, dtype_name))
-    seconds = time.perf_counter() - start
+    with common.Timer(device) as timer:
+        model = load_model(folder, dtype=getattr(torch, dtype_name), device=device)
+    seconds = timer.wall
     unique = {id(p): p for p in model.parameters()}.values()
     print(json.dumps({
+        "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "baseline_kb": baseline_kb,
         "vmhwm_kb": proc_status_kb("VmHWM"),
         "vmrss_after_kb": proc_status_kb("VmRSS"),
@@ -219,9 +235,9 @@ def child_main(folder: str, dtype_name: str) -> None:
     }))
 
 
-def measure(folder: Path, dtype_name: str) -> dict:
+def measure(folder: Path, dtype_name: str, device: str) -> dict:
     """Run child_main in a fresh interpreter and return its figures."""
-    command = [sys.executable, os.path.abspath(__file__), "--child", str(folder), dtype_name]
+    command = [sys.executable, os.path.abspath(__file__), "--child", str(folder), dtype_name, device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the loading process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -250,14 +266,21 @@ def check_disk(where: Path, needed: float) -> None:
                          f"Free some space or pass --keep-dir on a larger disk.")
 
 
-def checkpoint_folder(root: Path, layers: int) -> Path:
-    return root / f"llama2-7b-shape-{layers}layers-bf16"
+def shape(layers: int, tiny: bool) -> dict:
+    """The config.json of the checkpoint: the 7B layout with this many layers (tiny widths with --tiny)."""
+    return dict(LLAMA2_7B, num_hidden_layers=layers, **(TINY if tiny else {}))
 
 
-def one_run(root: Path, dtype_name: str, layers: int, shard_gb: float, keep: bool, force: bool) -> dict:
-    """Write (or reuse) the checkpoint with `layers` layers, load it as dtype_name in a child, report."""
-    config = dict(LLAMA2_7B, num_hidden_layers=layers)
-    folder = checkpoint_folder(root, layers)
+def checkpoint_folder(root: Path, config: dict) -> Path:
+    width = "7b" if config["hidden_size"] == LLAMA2_7B["hidden_size"] else f"tiny{config['hidden_size']}"
+    return root / f"llama2-{width}-shape-{config['num_hidden_layers']}layers-bf16"
+
+
+def one_run(root: Path, dtype_name: str, config: dict, shard_gb: float, keep: bool, force: bool,
+            device: str) -> dict:
+    """Write (or reuse) the checkpoint of this config, load it as dtype_name in a child, report."""
+    layers = config["num_hidden_layers"]
+    folder = checkpoint_folder(root, config)
     if (folder / "COMPLETE").is_file() and json.loads((folder / "config.json").read_text()) == config:
         print(f"  reusing {folder}")
         file_bytes = checkpoint_bytes(folder)
@@ -276,11 +299,11 @@ def one_run(root: Path, dtype_name: str, layers: int, shard_gb: float, keep: boo
         raise SystemExit(f"  not enough free memory to load {in_memory / GB:.1f} GB safely ({available / GB:.1f} GB "
                          f"available). Close other programs, use --layers/--fp32-layers for a smaller shape, or "
                          f"pass --force.")
-    figures = measure(folder, dtype_name)
+    figures = measure(folder, dtype_name, device)
     if not keep:
         shutil.rmtree(folder)
         print(f"  deleted {folder}")
-    return dict(figures, dtype=dtype_name, layers=layers, file_bytes=file_bytes)
+    return dict(figures, dtype=dtype_name, layers=layers, file_bytes=file_bytes, folder=str(folder))
 
 
 def report(results: list[dict]) -> None:
@@ -295,6 +318,12 @@ def report(results: list[dict]) -> None:
         print(f"{r['dtype']:10} {r['layers']:6d} {r['parameters'] / 1e9:6.2f}B {r['file_bytes'] / GB:9.2f} "
               f"{weights / GB:10.2f} {base / GB:11.2f} {hwm / GB:9.2f} {maxrss / GB:12.2f} "
               f"{(hwm - base) / weights:19.3f}x {extra / GB:8.2f} {r['load_seconds']:7.1f}  {verdict}")
+        if r.get("device_peak_bytes") is not None:
+            device_peak = r["device_peak_bytes"]
+            verdict = ("met: no second copy" if device_peak - weights <= 2 * largest
+                       else "MISSED: more than one tensor in flight")
+            print(f"{'':10} device peak (torch.cuda.max_memory_allocated) {device_peak / GB:.2f} GB = "
+                  f"{device_peak / weights:.3f}x the weights  {verdict}")
     print("GB = 1e9 bytes. weights: the loaded parameters' bytes; baseline: resident memory of the fresh process "
           "after importing torch and minillm, before loading;\nextra: peak - baseline - weights.")
     print("Target: peak ~1x the weights, i.e. no second copy: the extra stays within about one tensor in flight "
@@ -307,26 +336,28 @@ def main() -> None:
     if args.child:
         child_main(*args.child)
         return
+    common.parse_device(args.device)  # a missing device fails here, before anything is written
 
     keep = args.keep_dir is not None
     runs = [name.strip() for name in args.runs.split(",")]
     for name in runs:
         if name not in ("bfloat16", "float32"):
             raise SystemExit(f"--runs: unknown dtype {name!r} (bfloat16 or float32)")
-    layers = {"bfloat16": args.layers, "float32": args.fp32_layers}
+    configs = {"bfloat16": shape(args.layers, args.tiny), "float32": shape(args.fp32_layers, args.tiny)}
     root = Path(args.keep_dir) if keep else Path(tempfile.mkdtemp(prefix="minillm-load-memory-"))
     # Each checkpoint is deleted before the next is written (unless kept): the largest one must fit.
     # Kept checkpoints from an earlier run need no new space.
-    sizes = [sum(numel(s) for _, s in tensor_shapes(dict(LLAMA2_7B, num_hidden_layers=layers[n]))) * 2
-             for n in runs if not (checkpoint_folder(root, layers[n]) / "COMPLETE").is_file()]
+    sizes = [sum(numel(s) for _, s in tensor_shapes(configs[n])) * 2
+             for n in runs if not (checkpoint_folder(root, configs[n]) / "COMPLETE").is_file()]
     needed = (sum(sizes) if keep else max(sizes)) if sizes else 0
 
     results = []
     try:
         check_disk(root, needed * 1.02)
         for number, name in enumerate(runs, 1):
-            print(f"\n[{number}/{len(runs)}] load as {name}, {layers[name]} layers")
-            results.append(one_run(root, name, layers[name], args.shard_gb, keep, args.force))
+            print(f"\n[{number}/{len(runs)}] load as {name}, {configs[name]['num_hidden_layers']} layers, "
+                  f"on {args.device}")
+            results.append(one_run(root, name, configs[name], args.shard_gb, keep, args.force, args.device))
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""minillm against transformers' LlamaForCausalLM on SmolLM2-135M-Instruct (CPU).
+"""minillm against transformers' LlamaForCausalLM on SmolLM2-135M-Instruct (or --model), on the CPU or a GPU.
 
 What is compared
     Both models hold the same weights (the embedded SmolLM2 folder), in the same
@@ -33,21 +33,27 @@ How
       the most any implementation built on torch's kernels can reach.
     * `--clock cpu` times with this process's CPU time instead of wall time: on
       a machine others are using it is far steadier, but it is only meaningful
-      with `--threads 1` (with more threads, OpenMP's spin-waiting counts too).
+      with `--threads 1` (with more threads, OpenMP's spin-waiting counts too),
+      and only on the CPU (a GPU's work is not this process's CPU time).
+    * `--device cuda`: both models, the inputs and the matmul peak/floor on the GPU;
+      every timer synchronizes the device before it starts and before it stops, and
+      the peak memory reported is torch.cuda.max_memory_allocated (host peak RSS on
+      the CPU), per dtype, both models included.
 
 Run
     python benchmarks/bench_model.py                      # fp32 and bf16, 2 threads, best of 5
     python benchmarks/bench_model.py --dtypes float32 --repeats 3 --threads 1
     python benchmarks/bench_model.py --profile            # also where the time goes (torch.profiler)
+    python benchmarks/bench_model.py --device cuda --model FOLDER --dtypes bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
+import common
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,65 +75,61 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", default="forward,decode", help="which cases to run (default forward,decode)")
     parser.add_argument("--profile", action="store_true", help="profile one forward and one decode of each side")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    common.add_device_argument(parser)
     return parser.parse_args()
 
 
 # ----------------------------------------------------------------------------- the machine
 
-def machine_info() -> dict:
-    """CPU model, cores, AMX flags and torch build facts, for the report."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    fields = {}
-    for line in lscpu.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    flags = fields.get("Flags", "").split()
+def machine_info(device: torch.device) -> dict:
+    """CPU model, cores, AMX flags, torch build facts and the device, for the JSON report."""
+    cpu = common.cpu_info()
     return {
-        "cpu": fields.get("Model name", "unknown"),
-        "cpus": fields.get("CPU(s)", "?"),
-        "amx_flags": [f for f in flags if f.startswith("amx")],
-        "avx512_bf16": "avx512_bf16" in flags,
+        "cpu": cpu["cpu"],
+        "cpus": cpu["cpus"],
+        "amx_flags": [f for f in cpu["flags"] if f.startswith("amx")],
+        "avx512_bf16": "avx512_bf16" in cpu["flags"],
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "device": common.machine_header(device),
     }
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]  # set from --clock in main()
+clock = "wall"  # "wall" or "cpu", set from --clock in main()
 
 
 PEAK_N = 4096
 
 
-def matmul_peak_call(dtype: torch.dtype, n: int = PEAK_N):
-    """A large square torch.mm in this dtype, and its FLOPs: timed alongside the forward, it gives the
-    machine's matmul ceiling under the same conditions (other users' load included)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+def matmul_peak_call(dtype: torch.dtype, device: torch.device, n: int = PEAK_N):
+    """A large square torch.mm in this dtype on this device, and its FLOPs: timed alongside the forward, it
+    gives the device's matmul ceiling under the same conditions (other users' load included)."""
+    a = torch.randn(n, n).to(device=device, dtype=dtype)
+    b = torch.randn(n, n).to(device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up: lets oneDNN/MKL pick and cache its kernel
     return (lambda: torch.mm(a, b)), 2 * n ** 3
 
 
 # ----------------------------------------------------------------------------- the two models
 
-def load_ours(folder, dtype):
+def load_ours(folder, dtype, device):
     from minillm.checkpoint import load_model
-    return load_model(folder, dtype=dtype)
+    return load_model(folder, dtype=dtype, device=device)
 
 
-def load_hf(folder, dtype):
+def load_hf(folder, dtype, device):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # keep the results table readable
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    # Out of the memory map into fresh memory (tied weights are one Parameter, so this keeps them tied).
-    for p in model.parameters():
-        p.data = p.data.clone()
-    for b in model.buffers():
-        b.data = b.data.clone()
+    if device.type == "cpu":
+        # Out of the memory map into fresh memory (tied weights are one Parameter, so this keeps them tied).
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
+    else:
+        model.to(device)  # a copy into device memory
     # No end-of-sequence stop: exactly NEW_TOKENS tokens, like ours (which stops only at eos ids it is given).
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = model.config.pad_token_id or 0
@@ -179,9 +181,10 @@ def matmul_floor(model, batch: int, new_tokens=NEW_TOKENS):
     linears = [m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name != "lm_head"]
     inputs = {m.in_features: None for m in linears}
-    prefill = {d: torch.randn(batch * PROMPT_TOKENS, d).to(model.lm_head.weight.dtype) for d in inputs}
-    step = {d: torch.randn(batch, d).to(model.lm_head.weight.dtype) for d in inputs}
-    last = torch.randn(batch, model.lm_head.in_features).to(model.lm_head.weight.dtype)
+    like = {"dtype": model.lm_head.weight.dtype, "device": model.lm_head.weight.device}
+    prefill = {d: torch.randn(batch * PROMPT_TOKENS, d).to(**like) for d in inputs}
+    step = {d: torch.randn(batch, d).to(**like) for d in inputs}
+    last = torch.randn(batch, model.lm_head.in_features).to(**like)
 
     @torch.no_grad()
     def run():
@@ -194,14 +197,14 @@ def matmul_floor(model, batch: int, new_tokens=NEW_TOKENS):
 
 # ----------------------------------------------------------------------------- timing and checks
 
-def best_of_interleaved(calls: dict, repeats: int) -> dict:
+def best_of_interleaved(calls: dict, repeats: int, device: torch.device) -> dict:
     """Best time of each call; the calls alternate in every round (the caller has warmed them up)."""
     best = {name: float("inf") for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = clock()
-            call()
-            best[name] = min(best[name], clock() - start)
+            with common.Timer(device) as t:
+                call()
+            best[name] = min(best[name], t.cpu if clock == "cpu" else t.wall)
     return best
 
 
@@ -220,13 +223,15 @@ def first_divergence(ours: list[list[int]], theirs: list[list[int]], expected_le
     return f"differ in {len(diverged)}/{len(ours)} sequences: " + ", ".join(diverged)
 
 
-def profile_top(label: str, call, rows: int = 12) -> None:
+def profile_top(label: str, call, device: torch.device, rows: int = 12) -> None:
     """Print the ops that take the most self CPU time in one call, and how much of the wall time they cover."""
     from torch.profiler import ProfilerActivity, profile
     call()
+    common.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         call()
+        common.synchronize(device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     op_time = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -237,31 +242,31 @@ def profile_top(label: str, call, rows: int = 12) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int) -> list[dict]:
+def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int, device: torch.device) -> list[dict]:
     """Time every case of one dtype, ours and transformers interleaved; print each row as it is done."""
     vocab = ours.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     results = []
-    peak_mm, peak_flops = matmul_peak_call(DTYPES[dtype_name]) if "forward" in cases else (None, None)
+    peak_mm, peak_flops = matmul_peak_call(DTYPES[dtype_name], device) if "forward" in cases else (None, None)
 
     for batch, tokens in FORWARD_SHAPES if "forward" in cases else []:
-        ids = torch.randint(100, vocab, (batch, tokens), generator=generator)
+        ids = torch.randint(100, vocab, (batch, tokens), generator=generator).to(device)
         a, b = ours_forward(ours, ids), hf_forward(hf, ids)  # warm-up and check
         diff = (a.float() - b.float()).abs().max().item()
         times = best_of_interleaved({"ours": lambda: ours_forward(ours, ids),
-                                     "hf": lambda: hf_forward(hf, ids), "peak": peak_mm}, repeats)
+                                     "hf": lambda: hf_forward(hf, ids), "peak": peak_mm}, repeats, device)
         results.append({"dtype": dtype_name, "case": f"forward {batch}x{tokens}", "tokens": batch * tokens,
                         "ours_s": times["ours"], "hf_s": times["hf"], "flops": forward_flops(ours, batch, tokens),
                         "peak": peak_flops / times["peak"] / 1e9, "check": f"max |logit diff| {diff:.2e}"})
         print_row(results[-1])
 
     for batch in DECODE_BATCHES if "decode" in cases else []:
-        ids = torch.randint(100, vocab, (batch, PROMPT_TOKENS), generator=generator)
+        ids = torch.randint(100, vocab, (batch, PROMPT_TOKENS), generator=generator).to(device)
         a, b = ours_decode(ours, ids), hf_decode(hf, ids)  # warm-up and check
         floor = matmul_floor(ours, batch)
         floor()
         times = best_of_interleaved({"ours": lambda: ours_decode(ours, ids),
-                                     "hf": lambda: hf_decode(hf, ids), "floor": floor}, repeats)
+                                     "hf": lambda: hf_decode(hf, ids), "floor": floor}, repeats, device)
         results.append({"dtype": dtype_name, "case": f"decode b={batch} {PROMPT_TOKENS}+{NEW_TOKENS}",
                         "tokens": batch * NEW_TOKENS, "ours_s": times["ours"], "hf_s": times["hf"],
                         "floor_s": times["floor"], "check": first_divergence(a, b, NEW_TOKENS)})
@@ -269,15 +274,16 @@ def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int) -> list[dict]
     return results
 
 
-def profile_dtype(ours, hf, dtype_name: str) -> None:
+def profile_dtype(ours, hf, dtype_name: str, device: torch.device) -> None:
     """Where the time goes: the top ops of a 1x512 forward and of a short batch-1 decode, each side."""
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(100, ours.config.vocab_size, (1, 512), generator=generator)
-    profile_top(f"{dtype_name} ours forward 1x512", lambda: ours_forward(ours, ids))
-    profile_top(f"{dtype_name} transformers forward 1x512", lambda: hf_forward(hf, ids))
+    ids = torch.randint(100, ours.config.vocab_size, (1, 512), generator=generator).to(device)
+    profile_top(f"{dtype_name} ours forward 1x512", lambda: ours_forward(ours, ids), device)
+    profile_top(f"{dtype_name} transformers forward 1x512", lambda: hf_forward(hf, ids), device)
     ids = ids[:, :PROMPT_TOKENS]
-    profile_top(f"{dtype_name} ours decode b=1 {PROMPT_TOKENS}+32", lambda: ours_decode(ours, ids, 32))
-    profile_top(f"{dtype_name} transformers decode b=1 {PROMPT_TOKENS}+32", lambda: hf_decode(hf, ids, 32))
+    profile_top(f"{dtype_name} ours decode b=1 {PROMPT_TOKENS}+32", lambda: ours_decode(ours, ids, 32), device)
+    profile_top(f"{dtype_name} transformers decode b=1 {PROMPT_TOKENS}+32", lambda: hf_decode(hf, ids, 32),
+                device)
 
 
 HEADER = (f"{'dtype':9} {'case':22} {'ours ms':>9} {'HF ms':>9} {'ours tok/s':>10} {'HF tok/s':>9} "
@@ -321,26 +327,30 @@ def verdicts(results: list[dict]) -> list[str]:
 def main() -> None:
     global clock
     args = parse_args()
+    device = common.parse_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit(f"--clock cpu measures this process's CPU time, not the work of {device}: use --clock wall")
     torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
+    clock = args.clock
     import transformers
     from minillm.embedded import ensure_smollm2
     folder = args.model or str(ensure_smollm2())
     dtype_names = args.dtypes.split(",")
     cases = set(args.cases.split(","))
-    info = machine_info()
-    print(f"CPU: {info['cpu']} ({info['cpus']} CPUs), torch {info['torch']} "
-          f"(cpu capability {info['cpu_capability']}), transformers {transformers.__version__}, "
-          f"threads {info['threads']}")
+    info = machine_info(device)
+    print(f"{info['device']}, transformers {transformers.__version__}")
     print(f"lscpu AMX flags: {' '.join(info['amx_flags']) or 'none'}; avx512_bf16: {info['avx512_bf16']}")
     print(f"model: {folder}; best of {args.repeats} ({args.clock} clock), ours and transformers interleaved; "
           f"transformers weights copied out of the mmap\n")
 
     print(HEADER)
-    results = []
+    results, memory = [], {}
     for name in dtype_names:
-        ours, hf = load_ours(folder, DTYPES[name]), load_hf(folder, DTYPES[name])
-        results += run_dtype(ours, hf, name, cases, args.repeats)
+        common.reset_peak_memory(device)
+        ours, hf = load_ours(folder, DTYPES[name], device), load_hf(folder, DTYPES[name], device)
+        results += run_dtype(ours, hf, name, cases, args.repeats, device)
+        memory[name], what = common.peak_memory(device)
+        print(f"{name}: peak memory {memory[name] / 2 ** 30:.2f} GiB ({what}; both models loaded)", flush=True)
         del ours, hf
     print(f"\nours/HF: time ratio (lower is better); speedup: HF time / ours time;\n"
           f"peak GF/s: a {PEAK_N}^3 torch.mm in that dtype, timed in the same rounds as the forwards; "
@@ -350,10 +360,11 @@ def main() -> None:
     print("\n".join(verdicts(results)))
     if args.profile:
         for name in dtype_names:
-            profile_dtype(load_ours(folder, DTYPES[name]), load_hf(folder, DTYPES[name]), name)
+            profile_dtype(load_ours(folder, DTYPES[name], device), load_hf(folder, DTYPES[name], device), name, device)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
+            json.dump({"machine": info, "args": vars(args), "results": results, "peak_memory_bytes": memory}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

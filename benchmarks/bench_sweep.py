@@ -57,15 +57,19 @@ Run
     python benchmarks/bench_sweep.py          # capitals=16, context-qa=4, k in 0,15 (+ baseline); 5 min CPU
     python benchmarks/bench_sweep.py --limit capitals=64,context-qa=16 --layers 0,10,20 --paper-every 8
     python benchmarks/bench_sweep.py --limit capitals=2,context-qa=1 --stride 1    # every k: ~12 min CPU
+    python benchmarks/bench_sweep.py --device cuda --limit capitals=8,context-qa=2   # both sides on the GPU
+
+`--model` takes any checkpoint with a tokenizer (default the embedded SmolLM2); `--device cuda` runs both
+sides on the GPU, with every timer synchronizing it; the peak memory (device, or host RSS) is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import time
 from dataclasses import dataclass, field
 
+import common
 import torch
 from torch import nn
 
@@ -91,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--skip-paper", action="store_true", help="run only the minillm side (no comparison)")
     parser.add_argument("--csv", default=None, help="write one row per (task, manipulation, k) to this CSV")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="embedded name or checkpoint folder, with a tokenizer (default smollm2-135m)")
+    common.add_device_argument(parser)
     return parser.parse_args()
 
 
@@ -211,7 +218,7 @@ class NoAttention(nn.Module):
         return torch.zeros_like(hidden_states), None
 
 
-def load_paper_model(folder: str):
+def load_paper_model(folder: str, device: torch.device):
     """transformers' LlamaForCausalLM with the same weights, copied out of the memory map into fresh memory."""
     import transformers
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
@@ -219,7 +226,7 @@ def load_paper_model(folder: str):
         p.data = p.data.clone()
     for b in model.buffers():
         b.data = b.data.clone()
-    return model.eval()
+    return model.to(device).eval()
 
 
 class PaperSweep:
@@ -228,6 +235,7 @@ class PaperSweep:
     def __init__(self, model, tokenizer, seed: int, every: int):
         self.model, self.tokenizer, self.seed, self.every = model, tokenizer, seed, every
         self.layers = model.model.layers
+        self.device = model.device
         self.forwards, self.generations = {}, {}  # per task: full-sequence passes, generations
         self.handles = []
         self.patched = []  # (layer, original input norm, original attention) for skip_attention
@@ -239,7 +247,8 @@ class PaperSweep:
         self.donor_states = {}
         for index in self.examples:
             donor = data.donor(index)
-            out = self.model(input_ids=torch.tensor([data.prompts[donor]]), use_cache=False, output_hidden_states=True)
+            out = self.model(input_ids=torch.tensor([data.prompts[donor]], device=self.device), use_cache=False,
+                             output_hidden_states=True)
             # hidden_states[j] is the input of layer j for j < L (the last entry is after the final norm)
             self.donor_states[donor] = [h[0, data.swap_position].clone() for h in out.hidden_states[:-1]]
 
@@ -265,7 +274,7 @@ class PaperSweep:
         if cell.kind == "random":
             def randomize(h):
                 T = h.shape[1]
-                directions = random_directions(self.seed, torch.arange(T - 1), h.shape[-1])[None]
+                directions = random_directions(self.seed, torch.arange(T - 1), h.shape[-1])[None].to(h.device)
                 previous = h[:, :-1]
                 scale = previous.float().norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True)
                 return torch.cat([(directions * scale).to(h.dtype), h[:, -1:]], dim=1)
@@ -303,7 +312,8 @@ class PaperSweep:
         self.generations[name] = self.generations.get(name, 0) + 1
         for _ in range(self.data.task.max_new_tokens):
             self.forwards[name] = self.forwards.get(name, 0) + 1
-            logits = self.model(input_ids=torch.tensor([sequence]), use_cache=False, logits_to_keep=1).logits
+            logits = self.model(input_ids=torch.tensor([sequence], device=self.device), use_cache=False,
+                                logits_to_keep=1).logits
             token = int(logits[0, -1].argmax())
             new.append(token)
             if token in self.tokenizer.eos_ids or self.data.stop(new):
@@ -329,7 +339,7 @@ def check_hooks(ours: MinillmSweep, paper: PaperSweep, data: TaskData, kinds: li
     """Before timing: last-position logits of both sides for one prompt, each manipulation at one k."""
     ours.start_task(data)
     paper.start_task(data)
-    ids = torch.tensor([data.prompts[0]])
+    ids = torch.tensor([data.prompts[0]], device=paper.device)
     for kind in kinds:
         cell = Cell(data.name, kind, layer)
         manipulation = ours.manipulation(cell)
@@ -347,16 +357,17 @@ def check_hooks(ours: MinillmSweep, paper: PaperSweep, data: TaskData, kinds: li
 
 
 class Clock:
-    """Accumulated wall and process CPU seconds, in total and per task."""
+    """Accumulated wall and process CPU seconds, in total and per task (the device synchronized around each call)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.wall, self.cpu = {}, {}
+        self.device = device
 
     def __call__(self, task: str, fn, *args):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn(*args)
-        self.wall[task] = self.wall.get(task, 0.0) + time.perf_counter() - wall
-        self.cpu[task] = self.cpu.get(task, 0.0) + time.process_time() - cpu
+        with common.Timer(self.device) as t:
+            result = fn(*args)
+        self.wall[task] = self.wall.get(task, 0.0) + t.wall
+        self.cpu[task] = self.cpu.get(task, 0.0) + t.cpu
         return result
 
 
@@ -383,12 +394,13 @@ def mean_score(data: TaskData, generations: dict[int, list[int]], tokenizer) -> 
 
 def main() -> None:
     args = parse_args()
+    device = common.parse_device(args.device)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     import minillm
-    from minillm.embedded import ensure_smollm2
+    from minillm.checkpoint import resolve_checkpoint
 
-    model, tokenizer = minillm.load("smollm2-135m")
+    model, tokenizer = minillm.load(args.model, device=device)
     L = model.config.num_layers
     limits = {name: int(n) for name, n in (item.split("=") for item in args.limit.split(","))}
     layers = list(range(0, L, args.stride)) if args.stride else [int(k) for k in args.layers.split(",")]
@@ -397,10 +409,12 @@ def main() -> None:
     ours = MinillmSweep(model, tokenizer, args.seed, efficient=not args.no_efficient)
     paper = None
     if not args.skip_paper:
-        paper = PaperSweep(load_paper_model(str(ensure_smollm2())), tokenizer, args.seed, args.paper_every)
+        paper = PaperSweep(load_paper_model(str(resolve_checkpoint(args.model)), device), tokenizer, args.seed,
+                           args.paper_every)
 
     cells = {data.name: grid(data.name, kinds, layers, L) for data in tasks}
-    print(f"SmolLM2-135M-Instruct fp32, {args.threads} thread(s), torch {torch.__version__}; k in {layers}; "
+    print(common.machine_header(device))
+    print(f"{args.model} fp32 on {device}, {args.threads} thread(s), torch {torch.__version__}; k in {layers}; "
           f"kinds {kinds}; minillm efficient={ours.efficient}")
     for data in tasks:
         lengths = [len(p) for p in data.prompts]
@@ -411,7 +425,7 @@ def main() -> None:
         for data in tasks:
             check_hooks(ours, paper, data, kinds, L // 2)
 
-    ours_clock, paper_clock = Clock(), Clock()
+    ours_clock, paper_clock = Clock(device), Clock(device)
     rows: list[Row] = []
     for data in tasks:
         name = data.name
@@ -439,6 +453,7 @@ def main() -> None:
                   f"time {row.ours_s:6.2f} s vs {row.paper_s:7.2f} s", flush=True)
 
     report(tasks, rows, ours_clock, paper_clock, paper, args)
+    print(common.format_peak_memory(device) + " (both sides' models loaded)")
 
 
 def report(tasks: list[TaskData], rows: list[Row], ours_clock: Clock, paper_clock: Clock, paper: PaperSweep | None,
