@@ -245,8 +245,13 @@ def check_finite(weights_file: Path, name: str, stored: torch.Tensor, loaded: to
 
     A single NaN weight turns every logit into NaN, and greedy decoding then picks token 0
     at every step: an empty answer that a sweep would score as a real one.
+
+    The test is on the tensor's sum: NaN and infinities carry through a sum (inf - inf is NaN),
+    so a finite sum proves every weight finite, in one pass without a temporary tensor; only
+    a sum that overflows needs the element-wise test. It is an order of magnitude faster than
+    `isfinite(x).all()` (figures in docs/reliability.md).
     """
-    if torch.isfinite(loaded).all():
+    if torch.isfinite(loaded.sum()) or torch.isfinite(loaded).all():
         return
     if torch.isfinite(stored).all():  # finite as stored: the cast overflowed
         largest = stored.abs().max().item()

@@ -56,6 +56,18 @@ def write_checkpoint(folder: Path, config: dict = CONFIG, state: dict | None = N
     return folder
 
 
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one `minillm: error:` line on stderr that contains every fragment."""
+    lines = err.splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minillm: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert "Traceback" not in err and "weights_only" not in err
+    return lines[0]
+
+
 # --- damaging a safetensors file -----------------------------------------------------------------
 
 def read_safetensors(path: Path) -> tuple[dict, bytes]:
