@@ -32,6 +32,7 @@ LARGEST = {
     "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
     "max_position_embeddings": 1 << 31, "sliding_window": 1 << 31, "original_max_position_embeddings": 1 << 31,
 }
+JSON_LIMIT = 100_000_000  # bytes; the largest real ones (tokenizer_config.json with many added tokens) are a few MB
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ def read_json_file(path: Path, error: type[MinillmError]):
     are refused: Hugging Face tools read these files as UTF-8 only, so such a file is
     broken for them too, and saying so is more useful than reading it.
     """
+    size = path.stat().st_size
+    if size > JSON_LIMIT:  # read into memory whole: refuse before reading
+        raise error(f"{path}: {size} bytes, too large for a JSON settings file (the limit is {JSON_LIMIT})")
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]

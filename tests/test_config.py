@@ -93,3 +93,11 @@ def test_encodings(tmp_path):
     path.write_text("[" * 100_000)
     with pytest.raises(ConfigError, match=f"{path}: not valid JSON"):
         ModelConfig.from_json(path)
+
+
+def test_an_oversized_json_file_is_refused_unread(tmp_path):
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.truncate(100_000_001)  # sparse: takes no disk space
+    with pytest.raises(ConfigError, match=f"{path}: 100000001 bytes, too large for a JSON settings file"):
+        ModelConfig.from_json(path)
