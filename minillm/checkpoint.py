@@ -17,28 +17,42 @@ copying them into freshly allocated parameters.
 Checkpoints listed in `weights_manifest.json` (repository root) are checked
 against their entry: architecture facts and file sizes, each mismatch named.
 Every problem is reported as one line that names the file at fault.
+
+Nothing read from a checkpoint is trusted (docs/reliability.md): a safetensors
+header is checked in full before a byte of tensor memory is allocated, paths
+named by an index or by `refs/main` must stay inside their folder, PyTorch
+pickles are read with torch's weights-only unpickler (a pickle that would run
+code is refused as such), and every weight must be floating point and finite.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pickle
-from pathlib import Path
+import pickletools
+import re
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, read_json_file
+from minillm.errors import CheckpointError
 from minillm.model import Transformer
+
+__all__ = ["CheckpointError", "check_manifest", "load_manifest", "load_model", "resolve_checkpoint"]
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / "weights_manifest.json"
 
 # Old Llama conversions saved RoPE frequency tables as weights; we compute them in forward.
 _RECOMPUTED_SUFFIX = "rotary_emb.inv_freq"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or loaded as it is."""
+# What `refs/main` of a Hugging Face cache may hold: one plain name (a commit hash), never a path.
+_COMMIT_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,254}")
 
 
 # ----------------------------------------------------------------------------- finding a checkpoint
@@ -94,7 +108,10 @@ def _cached_snapshot(repo_dir: Path) -> Path:
     """The snapshot folder that refs/main points to, or the only snapshot when there is no ref."""
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
-        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        commit = ref.read_bytes().decode("ascii", errors="replace").strip()
+        if not _COMMIT_NAME.fullmatch(commit):
+            raise CheckpointError(f"{ref}: must hold a commit name (like 40 hex digits), got {commit[:60]!r}")
+        snapshot = repo_dir / "snapshots" / commit
         if not snapshot.is_dir():
             raise CheckpointError(f"{ref}: points to snapshot {snapshot.name}, which is not in {snapshot.parent}")
         return snapshot
@@ -147,7 +164,8 @@ def check_manifest(name: str, folder: Path, config: ModelConfig) -> dict | None:
     tokenizer_config = folder / "tokenizer_config.json"
     expected_bos = entry["tokenizer"]["add_bos_token"]
     if expected_bos is not None and tokenizer_config.is_file():
-        found_bos = json.loads(tokenizer_config.read_text()).get("add_bos_token")
+        settings = read_json_file(tokenizer_config, CheckpointError)
+        found_bos = settings.get("add_bos_token") if isinstance(settings, dict) else None
         if found_bos is not None and found_bos != expected_bos:
             raise CheckpointError(f"{tokenizer_config}: add_bos_token is {found_bos!r}, but the manifest entry "
                                   f"for {key} expects {expected_bos!r}")
@@ -210,12 +228,38 @@ def _read_weights(folder: Path, expected: dict, dtype: torch.dtype, device: torc
             if tensor.shape != expected[name]:
                 raise CheckpointError(f"{weights_file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
                                       f"but config.json implies {tuple(expected[name])}")
+            if not tensor.is_floating_point():  # casting would turn it into weights silently
+                raise CheckpointError(f"{weights_file}: tensor {hf_name} has dtype {_dtype_name(tensor.dtype)}; "
+                                      f"weights must be floating point")
             state[name] = tensor.to(device=device, dtype=dtype)
+            check_finite(weights_file, hf_name, tensor, state[name])
             seen_in[name] = weights_file
     if unexpected:
         raise CheckpointError(f"{folder}: {len(unexpected)} tensor(s) that the model described by config.json "
                               f"does not have: {_some(sorted(unexpected))}")
     return state
+
+
+def check_finite(weights_file: Path, name: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Refuse a weight with NaN or infinite values, as stored or after the cast to the dtype asked for.
+
+    A single NaN weight turns every logit into NaN, and greedy decoding then picks token 0
+    at every step: an empty answer that a sweep would score as a real one.
+
+    The test is on the tensor's sum: NaN and infinities carry through a sum (inf - inf is NaN),
+    so a finite sum proves every weight finite, in one pass without a temporary tensor; only
+    a sum that overflows needs the element-wise test. It is an order of magnitude faster than
+    `isfinite(x).all()` (figures in docs/reliability.md).
+    """
+    if torch.isfinite(loaded.sum()) or torch.isfinite(loaded).all():
+        return
+    if torch.isfinite(stored).all():  # finite as stored: the cast overflowed
+        largest = stored.abs().max().item()
+        raise CheckpointError(f"{weights_file}: tensor {name} has values up to {largest:.3g}, beyond the range of "
+                              f"{_dtype_name(loaded.dtype)}; load it in float32 or bfloat16")
+    bad = (~torch.isfinite(stored)).sum().item()
+    raise CheckpointError(f"{weights_file}: tensor {name} holds {bad} NaN or infinite value(s) of "
+                          f"{stored.numel()}; the weights are damaged")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -224,11 +268,7 @@ def _weight_files(folder: Path) -> list[Path]:
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map')") from None
-            shards = [folder / shard for shard in dict.fromkeys(weight_map.values())]  # unique, in order
+            shards = [_shard_path(folder, index, name) for name in dict.fromkeys(_weight_map(index).values())]
             for shard in shards:
                 if not shard.is_file():
                     raise CheckpointError(f"{shard}: missing, but {index.name} lists it")
@@ -239,63 +279,228 @@ def _weight_files(folder: Path) -> list[Path]:
                           f"pytorch_model.bin[.index.json])")
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's {tensor name: file name}."""
+    content = read_json_file(index, CheckpointError)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: field 'weight_map' must be an object of tensor name -> file name, got "
+                              f"{type(weight_map).__name__ if weight_map is not None else 'none'}")
+    return weight_map
+
+
+def _shard_path(folder: Path, index: Path, name: str) -> Path:
+    """The file `name` of an index, refused unless it is a plain relative path inside the checkpoint folder.
+
+    The check is on the name as written, not on where symlinks lead: a Hugging Face cache
+    snapshot is made of symlinks into the cache's blobs folder, and that is fine.
+    """
+    relative = PurePosixPath(name)
+    if not name or "\\" in name or relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{index}: weight_map names {name[:80]!r}, a path outside the checkpoint folder; "
+                              f"refused")
+    return folder / relative
+
+
 def _tensors_in(weights_file: Path):
     """Yield (name, tensor) from one file, one tensor at a time."""
     if weights_file.suffix == ".safetensors":
         yield from _read_safetensors(weights_file)
-        return
-    try:
-        # mmap: tensors stay in the file until each is cast; weights_only: no arbitrary code from pickles
-        tensors = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{weights_file}: truncated or corrupt PyTorch file ({e}); download it again") from None
-    yield from tensors.items()
+    else:
+        yield from _read_pytorch_pickle(weights_file)
 
+
+# ----------------------------------------------------------------------------- PyTorch pickles
+
+# What the pickle of a plain state dict refers to; anything else is a call the pickle would make.
+_TENSOR_PICKLE_NAMES = ("collections.OrderedDict", "torch.")
+
+
+def _read_pytorch_pickle(weights_file: Path):
+    """Yield (name, tensor) from a `torch.save` file (zip or legacy), never running code from it."""
+    is_zip = zipfile.is_zipfile(weights_file)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols, with advice for loading unsafely that must not reach the user
+            warnings.simplefilter("ignore")
+            # weights_only: torch's restricted unpickler; mmap (zip files only): tensors stay in the file until cast
+            tensors = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as e:
+        called = _call_in_pickle(weights_file, str(e))
+        if called is not None:
+            raise CheckpointError(f"{weights_file}: contains code (unpickling it would call {called}), refused; "
+                                  f"minillm reads only tensors from PyTorch files") from None
+        raise CheckpointError(f"{weights_file}: truncated or corrupt PyTorch file (not a pickle of tensors); "
+                              f"download it again") from None
+    except Exception as e:  # noqa: BLE001  (torch.load raises many undocumented types on damaged files)
+        raise CheckpointError(f"{weights_file}: truncated or corrupt PyTorch file ({_torch_reason(e)}); "
+                              f"download it again") from None
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{weights_file}: holds a {type(tensors).__name__}, not a dict of tensors by name")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            hint = " (a training checkpoint? its weights may be under a key such as 'model')" if isinstance(
+                tensor, dict) else ""
+            raise CheckpointError(f"{weights_file}: entry {str(name)[:80]!r} is a {type(tensor).__name__}, "
+                                  f"not a tensor{hint}")
+        yield name, tensor
+
+
+def _call_in_pickle(weights_file: Path, torch_message: str) -> str | None:
+    """The function a refused pickle would have called, or None if it calls nothing (it is just damaged).
+
+    torch names the function when its unpickler reaches it; when it stops earlier (at an
+    opcode it does not support), the pickle's opcodes are listed without running them.
+    """
+    named = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    if named:
+        return named.group(1)
+    calls = [name for name in _pickle_globals(weights_file) if not name.startswith(_TENSOR_PICKLE_NAMES)]
+    return calls[0] if calls else None
+
+
+def _pickle_globals(weights_file: Path, limit: int = 1 << 26) -> list[str]:
+    """module.name of each function or class the file's pickles refer to (pickletools only parses)."""
+    if zipfile.is_zipfile(weights_file):
+        with zipfile.ZipFile(weights_file) as archive:
+            pickles = [archive.open(n).read(limit) for n in archive.namelist() if n.endswith(".pkl")]
+    else:
+        with open(weights_file, "rb") as f:
+            pickles = [f.read(limit)]  # legacy files: a few pickles in a row, then raw tensor bytes
+    names = []
+    for data in pickles:
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            strings = []  # STACK_GLOBAL takes its module and name from the two strings pushed before it
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(arg.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001  (the tensor bytes after the last pickle, or a damaged pickle)
+                break
+    return names
+
+
+def _torch_reason(error: Exception) -> str:
+    """The first line of torch's message, unless it is advice about loading unsafely."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return type(error).__name__ if "weights_only" in first else first
+
+
+# ----------------------------------------------------------------------------- safetensors
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+                       "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+_HEADER_LIMIT = 100_000_000  # bytes of JSON header; the safetensors library refuses more too
 
 
 def _read_safetensors(path: Path):
     """Yield (name, tensor) from a safetensors file, each read with a plain file read into fresh memory.
 
+    The whole header is checked before the first tensor is allocated, so a damaged or hostile
+    header can never make us allocate more than the file holds or read bytes that are not the
+    tensor's.
+
     Not memory-mapped on purpose: mmap-backed fp32 weights made CPU matmuls ~9x slower
     here (their data is not aligned the way the kernels want), and copying them out of
     the mapping afterwards would leave the file's pages counted in resident memory.
     """
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: truncated or corrupt safetensors file ({why}); download it again")
-
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt("no header")
-        header_length = int.from_bytes(head, "little")
-        if header_length > size - 8:
-            raise corrupt(f"header of {header_length} bytes in a {size}-byte file")
-        try:
-            header = json.loads(f.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise corrupt("header is not JSON") from None
-        header.pop("__metadata__", None)
-        data_start = 8 + header_length
-        for name, info in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                shape = info["shape"]
-            except (KeyError, TypeError, ValueError):
-                raise corrupt(f"bad header entry for {name}") from None
-            if data_start + end > size:
-                raise corrupt(f"tensor {name} ends at byte {data_start + end}, the file has {size}")
+        data_start, layout = _safetensors_layout(path, f)
+        for name, dtype, shape, begin, end in layout:
             tensor = torch.empty(shape, dtype=dtype)
-            if tensor.nbytes != end - begin:
-                raise corrupt(f"tensor {name} has {end - begin} bytes for shape {shape} {info['dtype']}")
             f.seek(data_start + begin)
-            f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                raise _corrupt(path, f"the file ended inside tensor {name}")
             yield name, tensor
+
+
+def _safetensors_layout(path: Path, f) -> tuple[int, list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """Where the data starts, and (name, dtype, shape, begin, end) of each tensor in file order, all checked.
+
+    Offsets count from the data start. As the safetensors library requires, the tensors'
+    byte ranges must tile the data exactly: each as long as its shape and dtype say, no
+    overlap, no gap, nothing after the last one.
+    """
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise _corrupt(path, "no header")
+    header_length = int.from_bytes(head, "little")
+    if header_length > min(size - 8, _HEADER_LIMIT):
+        raise _corrupt(path, f"header of {header_length} bytes in a {size}-byte file")
+    try:
+        header = json.loads(f.read(header_length).decode("utf-8"), object_pairs_hook=_no_repeated_keys)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _corrupt(path, f"header is not UTF-8 JSON: {str(e)[:100]}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"header is a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise _corrupt(path, "header field __metadata__ is not an object")
+    data_start, data_size = 8 + header_length, size - 8 - header_length
+
+    layout = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _corrupt(path, f"header entry for tensor {name} is not an object")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+            raise _corrupt(path, f"tensor {name} has unknown dtype {str(dtype_name)[:20]!r}")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise _corrupt(path, f"tensor {name} has shape {str(shape)[:60]}, not a list of integers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise _corrupt(path, f"tensor {name} has data_offsets {str(offsets)[:60]}, not [begin, end] "
+                                 f"with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_size:
+            raise _corrupt(path, f"tensor {name} ends at byte {data_start + end}, the file has {size}")
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype_name].itemsize  # Python ints: no overflow
+        if nbytes != end - begin:
+            raise _corrupt(path, f"tensor {name} of shape {shape} {dtype_name} needs {nbytes} bytes, its "
+                                 f"data_offsets give {end - begin}")
+        layout.append((name, _SAFETENSORS_DTYPES[dtype_name], shape, begin, end))
+
+    layout.sort(key=lambda entry: (entry[3], entry[4]))
+    covered, previous = 0, None
+    for name, _, _, begin, end in layout:
+        if begin < covered:
+            raise _corrupt(path, f"tensors {previous} and {name} overlap")
+        if begin > covered:
+            raise _corrupt(path, f"bytes {covered}..{begin - 1} of the data belong to no tensor (before {name})")
+        covered, previous = end, name
+    if covered != data_size:
+        raise _corrupt(path, f"the last {data_size - covered} bytes of the data belong to no tensor")
+    return data_start, layout
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: truncated or corrupt safetensors file ({why}); download it again")
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {repeated[:60]!r} appears twice")
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -5,14 +5,26 @@
     minillm swap ...                 the swap experiment (a country token given another country's state)
     minillm report DIR               figures and a markdown report for a run directory
     minillm reproduce                all of the above on the embedded SmolLM2, in about 15 minutes on 2 cores
+
+An error ends the command with one line on stderr and exit status 2; add --debug to any
+command (or set MINILLM_DEBUG=1) to see the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from minillm.manipulation import KINDS
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other minillm error (not usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"minillm: error: {message} (see: {self.prog} --help)\n")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +35,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refuse a bad --model, --dtype, --device or --threads before anything is loaded."""
+    from minillm.api import parse_dtype
+    from minillm.errors import UsageError
+    from minillm.inputs import check_device, check_threads
+
+    if not args.model.strip():
+        raise UsageError("--model is empty: give an embedded name, a folder or org/name")
+    parse_dtype(args.dtype, "--dtype")
+    check_device(args.device, "--device")
+    check_threads(args.threads, "--threads")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     import minillm
     from minillm.generate import Sampling
+    from minillm.inputs import check_count, check_prompt_texts, check_temperature, check_top_p
 
+    check_model_arguments(args)
+    check_temperature(args.temperature, "--temperature")
+    check_top_p(args.top_p, "--top-p")
+    check_count(args.top_k, "--top-k")
+    check_count(args.max_new_tokens, "--max-new-tokens")
+    check_prompt_texts(args.prompt, "the prompt")
     if args.threads:
         torch.set_num_threads(args.threads)
     manipulation = None
@@ -41,8 +73,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = minillm.load(args.model, dtype=args.dtype, device=args.device)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     write = lambda text: print(text, end="", flush=True)  # noqa: E731
-    minillm.generate(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling,
-                     manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write)
+    try:
+        minillm.generate(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling,
+                         manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write)
+    except KeyboardInterrupt:
+        print()  # end the streamed line before the interruption is reported
+        raise
     print()
 
 
@@ -151,8 +187,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="minillm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the output")
@@ -187,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="run directory (created; resumed if it holds results)")
     sweep.add_argument("--shard", default="1/1",
                        help="I/N: run the I-th of N deterministic parts into results.shard-I-of-N.jsonl")
-    sweep.set_defaults(run=cmd_sweep)
+    sweep.set_defaults(run=cmd_sweep, resumable=True)
 
     swap = commands.add_parser(
         "swap", help="the swap experiment: a country token given another country's hidden state at layer k",
@@ -199,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--limit", type=int, help="consider the first N countries (default: all)")
     swap.add_argument("--seed", type=int, default=0, help="seed of the pairing")
     swap.add_argument("--out", required=True, help="run directory (created; resumed if it holds results)")
-    swap.set_defaults(run=cmd_swap)
+    swap.set_defaults(run=cmd_swap, resumable=True)
 
     report = commands.add_parser("report", help="figures and report.md for a run directory")
     report.add_argument("dir", help="a directory written by sweep / swap / reproduce")
@@ -217,22 +253,42 @@ def build_parser() -> argparse.ArgumentParser:
                            + ", ".join(f"{task} {n}" for task, n in REPRODUCE_LIMITS.items()) + ")")
     reproduce.add_argument("--seeds", type=int, default=1, help="random: seeds 0..N-1")
     reproduce.add_argument("--out", default="results/reproduce", help="run directory (default: results/reproduce)")
-    reproduce.set_defaults(run=cmd_reproduce)
+    reproduce.set_defaults(run=cmd_reproduce, resumable=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minillm.assets import AssetError
-
+    debug, argv = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, AssetError) as error:  # bad input or a missing asset: one line, no traceback
-        print(f"minillm: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        resume = "; run the same command again to continue" if getattr(args, "resumable", False) else ""
+        print(f"minillm: interrupted{resume}", file=sys.stderr)
         return 130
+    # Expected failures: minillm's own errors (MinillmError), the harness's (ValueErrors too) and the
+    # operating system's. Anything else is a bug and keeps its traceback.
+    except (ValueError, OSError) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"minillm: error: {describe_error(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def split_debug_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether --debug (anywhere before a `--`) or MINILLM_DEBUG=1 asks for tracebacks; argv without it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get("MINILLM_DEBUG", "") not in ("", "0")
+    return debug, [arg for i, arg in enumerate(argv) if not (i < end and arg == "--debug")]
+
+
+def describe_error(error: Exception) -> str:
+    """One line for an error; an OSError says which path (both paths of a failed rename or copy)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        paths = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{paths}: {error.strerror or error}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

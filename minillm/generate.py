@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from minillm.inputs import check_generation
 from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
 
@@ -110,6 +111,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     A sequence that has stopped leaves the batch (once a quarter of the rows have), so the others go on
     without computing it (no row reads another, so only the rounding of a smaller batch can differ).
     """
+    check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
+                     manipulation=manipulation)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if max_new_tokens < 0:

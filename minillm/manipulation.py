@@ -21,16 +21,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from minillm.errors import ManipulationError
+
 KINDS = ("random", "freeze", "swap", "skip_attention")
 
 # Noise is drawn in blocks of positions, each block from its own seeded generator, so the
 # vector a position gets depends only on (seed, position): not on the batch, the padding or
 # the sequence length.
 _NOISE_BLOCK = 64
-
-
-class ManipulationError(ValueError):
-    """A manipulation that cannot be applied as asked."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,8 @@ class Manipulation:
                 raise ManipulationError(f"swap positions must be distinct, got {list(self.positions)}")
             if self.vectors is None:
                 raise ManipulationError("swap needs donor vectors, one per position")
+            if not isinstance(self.vectors, torch.Tensor):
+                raise ManipulationError(f"swap vectors must be a torch.Tensor, got a {type(self.vectors).__name__}")
             if self.vectors.dim() not in (2, 3) or self.vectors.shape[-2] != len(self.positions):
                 raise ManipulationError(
                     f"swap vectors must have shape [{len(self.positions)}, D] or "

@@ -29,11 +29,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.config import read_json_file
+from minillm.errors import TokenizerError
+
+__all__ = ["Tokenizer", "TokenizerError", "check_vocabulary", "load_tokenizer"]
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer folder we cannot read, or a request it cannot serve."""
 
 
 class Tokenizer:
@@ -49,6 +50,7 @@ class Tokenizer:
         self.vocab_size = backend.vocab_size
         self.chat_template = chat_template
         self.source = source
+        self.file = backend.path
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; a BOS is put first when `add_bos` (None: the checkpoint's policy) says so.
@@ -92,18 +94,42 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
     model_config = _read_json(folder / "config.json")
     special = _SpecialTokens(backend, tokenizer_config, folder / "tokenizer_config.json")
+    config_ids = {key: _config_ids(model_config, key, folder / "config.json")
+                  for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
-    bos_id = _first_known(special.id("bos_token"), model_config.get("bos_token_id"), backend.bos_id)
-    eos_ids = _unique(special.id("eos_token"), *_as_list(model_config.get("eos_token_id")), backend.eos_id)
-    pad_id = _first_known(special.id("pad_token"), model_config.get("pad_token_id"), *eos_ids)
+    bos_id = _first_known(special.id("bos_token"), *config_ids["bos_token_id"], backend.bos_id)
+    eos_ids = _unique(special.id("eos_token"), *config_ids["eos_token_id"], backend.eos_id)
+    pad_id = _first_known(special.id("pad_token"), *config_ids["pad_token_id"], *eos_ids)
     if pad_id is None:
         raise TokenizerError(f"{folder}: no pad or eos token (tokenizer_config.json has no eos_token, "
                              "config.json no eos_token_id)")
     add_bos = tokenizer_config.get("add_bos_token", backend.adds_bos_by_default)
+    if not isinstance(add_bos, bool):
+        raise TokenizerError(f"{folder / 'tokenizer_config.json'}: field 'add_bos_token' must be true or false, "
+                             f"got {str(add_bos)[:40]!r}")
     if add_bos and bos_id is None:
         raise TokenizerError(f"{folder / 'tokenizer_config.json'}: add_bos_token is true but no bos_token is defined")
+    if not isinstance(tokenizer_config.get("chat_template"), (str, list, type(None))):
+        raise TokenizerError(f"{folder / 'tokenizer_config.json'}: field 'chat_template' must be a string or a list")
     return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id, add_bos=bool(add_bos),
                      chat_template=_chat_template(folder, tokenizer_config), source=folder)
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int, config_path: Path) -> None:
+    """Refuse a tokenizer that can produce token ids the model has no embedding for.
+
+    A tokenizer smaller than the model is normal (embeddings are often padded to a round
+    size); a larger one would index past the embedding as soon as such a token appears.
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"{tokenizer.file}: ids go up to {tokenizer.vocab_size - 1}, but {config_path} has "
+                             f"vocab_size {vocab_size}: the model has no embedding for ids {vocab_size} and up")
+    roles = {"bos": [tokenizer.bos_id], "eos": list(tokenizer.eos_ids), "pad": [tokenizer.pad_id]}
+    for role, ids in roles.items():
+        for token_id in ids:
+            if token_id is not None and token_id >= vocab_size:
+                raise TokenizerError(f"{tokenizer.source}: the {role} token id {token_id} is beyond {config_path}'s "
+                                     f"vocab_size {vocab_size}")
 
 
 # --- the two vocabulary backends ---------------------------------------------------------------
@@ -114,12 +140,17 @@ class _JsonBackend:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(str(path))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.path = path
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+            # Without an explicit add_bos_token, transformers' fast tokenizers add whatever the
+            # file's post-processor adds: see whether it puts a token before an empty text.
+            self._post_processor_prefix = self._tok.encode("", add_special_tokens=True).ids
+        except Exception as e:  # noqa: BLE001  (the tokenizers library raises plain Exceptions)
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
+        # One more than the largest id (ids need not be contiguous), not the number of tokens
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.bos_id = self.eos_id = None  # the file names no roles; the json configs do
-        # Without an explicit add_bos_token, transformers' fast tokenizers add whatever the
-        # file's post-processor adds: see whether it puts a token before an empty text.
-        self._post_processor_prefix = self._tok.encode("", add_special_tokens=True).ids
 
     @property
     def adds_bos_by_default(self) -> bool:
@@ -147,7 +178,11 @@ class _SentencePieceBackend:
     def __init__(self, path: Path):
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.path = path
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # noqa: BLE001  (RuntimeError or OSError, depending on the damage)
+            raise TokenizerError(f"{path}: not a valid SentencePiece tokenizer.model ({_first_line(e)})") from None
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = _known_id(self._sp.bos_id())  # SentencePiece says -1 for "none"
         self.eos_id = _known_id(self._sp.eos_id())
@@ -205,6 +240,8 @@ class _SpecialTokens:
         text = value.get("content") if isinstance(value, dict) else value
         if text is None:
             return None
+        if not isinstance(text, str):
+            raise TokenizerError(f"{self._path}: field {field!r} must be a token's text, got {str(text)[:40]!r}")
         token_id = self._backend.token_id(text)
         if token_id is None:
             raise TokenizerError(f"{self._path}: {field} {text!r} is not in the vocabulary")
@@ -214,10 +251,24 @@ class _SpecialTokens:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TokenizerError(f"{path}: not valid JSON ({error})") from error
+    content = read_json_file(path, TokenizerError)
+    if not isinstance(content, dict):
+        raise TokenizerError(f"{path}: must be a JSON object {{...}}, got a {type(content).__name__}")
+    return content
+
+
+def _config_ids(config: dict, key: str, path: Path) -> list[int]:
+    """The token id(s) of a config.json field (eos_token_id may be a list), each a whole number >= 0."""
+    ids = _as_list(config.get(key))
+    for token_id in ids:
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise TokenizerError(f"{path}: field {key!r} must be a token id (a whole number >= 0), "
+                                 f"got {str(token_id)[:40]!r}")
+    return ids
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:

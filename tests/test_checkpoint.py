@@ -89,6 +89,13 @@ def test_pytorch_bin_loads_exactly(saved, hf_model, tmp_path):
     assert_same_as_hf(load_model(tmp_path), hf_model)
 
 
+def test_legacy_pytorch_bin_loads_exactly(saved, hf_model, tmp_path):
+    # torch.save's format before PyTorch 1.6 (not a zip file): read with the weights-only unpickler, without mmap
+    shutil.copy(saved / "config.json", tmp_path)
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert_same_as_hf(load_model(tmp_path), hf_model)
+
+
 def test_sharded_pytorch_bin_loads_exactly(saved, hf_model, tmp_path):
     shutil.copy(saved / "config.json", tmp_path)
     state = hf_model.state_dict()
@@ -249,6 +256,25 @@ def test_several_snapshots_without_ref_is_an_error(saved, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match=r"models--acme--tiny: no refs/main and 2 snapshots \(aaa, bbb\)"):
         resolve_checkpoint("acme/tiny")
+
+
+@pytest.mark.parametrize("ref", ["../../../elsewhere", "abc/../../x", "/etc", "..", "a b", ""])
+def test_refs_main_must_be_a_plain_commit_name(saved, tmp_path, monkeypatch, ref):
+    fake_hf_cache(tmp_path, saved, ref=ref)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=r"refs/main: must hold a commit name"):
+        resolve_checkpoint("acme/tiny")
+
+
+def test_index_may_name_files_in_subfolders(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    (tmp_path / "shards").mkdir()
+    for shard in set(index["weight_map"].values()):
+        shutil.move(tmp_path / shard, tmp_path / "shards" / shard)
+    index["weight_map"] = {name: f"shards/{shard}" for name, shard in index["weight_map"].items()}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_same_as_hf(load_model(tmp_path), hf_model)
 
 
 def test_not_found_says_where_it_looked(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 
 from minillm.assets import wheel_member
-from minillm.tokenizer import TokenizerError, load_tokenizer
+from minillm.tokenizer import TokenizerError, check_vocabulary, load_tokenizer
 
 MISTRAL_SP_MODEL = ("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
 
@@ -263,3 +263,34 @@ def test_an_unknown_special_token_is_a_clear_error(tmp_path, mistral_sp_model):
     make_folder(tmp_path, sp_model=mistral_sp_model, tokenizer_config={"eos_token": "<|eot|>"})
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: eos_token '<\|eot\|>' is not in the vocabulary"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("tokenizer_config.json", {"add_bos_token": "yes"}, "field 'add_bos_token' must be true or false"),
+    ("tokenizer_config.json", {"eos_token": 5}, "field 'eos_token' must be a token's text"),
+    ("tokenizer_config.json", {"chat_template": 3}, "field 'chat_template' must be a string or a list"),
+    ("tokenizer_config.json", ["not", "an", "object"], "must be a JSON object"),
+    ("config.json", {"pad_token_id": "0"}, "field 'pad_token_id' must be a token id"),
+    ("config.json", {"eos_token_id": [2, -1]}, "field 'eos_token_id' must be a token id"),
+])
+def test_bad_fields_in_the_json_files_are_named(tmp_path, smollm2_dir, file, content, message):
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path)
+    original = json.loads((tmp_path / file).read_text())
+    (tmp_path / file).write_text(json.dumps({**original, **content} if isinstance(content, dict) else content))
+    with pytest.raises(TokenizerError, match=f"{tmp_path / file}: .*{message}"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer.model"])
+def test_damaged_vocabulary_files_are_named(tmp_path, file):
+    (tmp_path / file).write_bytes(b"\x00\xffnot a tokenizer" * 10)
+    with pytest.raises(TokenizerError, match=f"{tmp_path / file}: not a valid"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(smollm2, smollm2_dir):
+    check_vocabulary(smollm2, 49152, smollm2_dir / "config.json")  # SmolLM2's own: they agree
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: ids go up to 49151, but .*config\.json has "
+                                             r"vocab_size 49000"):
+        check_vocabulary(smollm2, 49000, smollm2_dir / "config.json")

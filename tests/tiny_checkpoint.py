@@ -1,0 +1,91 @@
+"""A tiny random Llama checkpoint in Hugging Face's layout, and tools to damage it (for the hostile-input tests).
+
+The folder holds what a real checkpoint holds: config.json, model.safetensors (Hugging Face
+tensor names), a tokenizer.json built with the `tokenizers` library and a tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from minillm.config import ModelConfig
+from minillm.model import Transformer
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+SPECIAL = ["<unk>", "<s>", "</s>"]
+WORDS = ["hello", "world", "the", "capital", "of", "france", "is", "paris"]
+
+
+def hf_state(config: dict = CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of the model `config` describes, under Hugging Face's names."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_hf(config))
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return {("" if name == "lm_head.weight" else "model.") + name: tensor.detach().clone().contiguous()
+            for name, tensor in model.state_dict().items()}
+
+
+def word_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level tokenizer whose ids run from 0 to vocab_size - 1: the special tokens, words, fillers."""
+    names = SPECIAL + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
+    tokenizer = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def write_checkpoint(folder: Path, config: dict = CONFIG, state: dict | None = None,
+                     tokenizer_vocab: int | None = None) -> Path:
+    """Write the tiny checkpoint into `folder` (created) and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(hf_state(config) if state is None else state, folder / "model.safetensors")
+    word_tokenizer(tokenizer_vocab or config["vocab_size"]).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    return folder
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one `minillm: error:` line on stderr that contains every fragment."""
+    lines = err.splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minillm: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert "Traceback" not in err and "weights_only" not in err
+    return lines[0]
+
+
+# --- damaging a safetensors file -----------------------------------------------------------------
+
+def read_safetensors(path: Path) -> tuple[dict, bytes]:
+    """(header, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def write_safetensors(path: Path, header, data: bytes, header_length: int | None = None) -> None:
+    """Write a header (any JSON value) and data, with the true header length unless one is given."""
+    text = json.dumps(header).encode()
+    length = len(text) if header_length is None else header_length
+    path.write_bytes(length.to_bytes(8, "little") + text + data)
+
+
+def change_header(path: Path, change) -> None:
+    """Apply `change(header)` (which edits the dict in place or returns a new value) to a safetensors header."""
+    header, data = read_safetensors(path)
+    changed = change(header)
+    write_safetensors(path, header if changed is None else changed, data)
