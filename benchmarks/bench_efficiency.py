@@ -119,9 +119,16 @@ def context_qa_prompts(tokenizer, count: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- timing
 
+def cache_layers(model, config: Config) -> int:
+    """The layers of the KV cache `generate_tokens` allocates for this configuration (see generate.py)."""
+    manipulation = config.manipulation()
+    L = model.config.num_layers
+    return L if manipulation is None else manipulation.cache_layers(L, config.efficient)
+
+
 def cache_bytes(model, config: Config, batch: int, length: int) -> int:
     """Bytes of the KV cache `generate_tokens` allocates for this configuration (see generate.py)."""
-    layers = config.layer if config.efficient and config.kind == "skip_attention" else None
+    layers = cache_layers(model, config)
     return KVCache(model.config, batch, length, num_layers=layers).nbytes()
 
 
@@ -129,7 +136,7 @@ def check_cache_size(model, config: Config, prompts: list[list[int]], new_tokens
     """A prompt pass in a cache of exactly `cache_bytes`' size runs, and gives the plain model's logits."""
     from minillm.generate import left_pad
     ids, mask = left_pad(prompts, 0, device)
-    layers = config.layer if config.efficient and config.kind == "skip_attention" else None
+    layers = cache_layers(model, config)
     cache = KVCache(model.config, len(prompts), ids.shape[1] + new_tokens, num_layers=layers, device=device)
     a = model(ids, mask, cache=cache, manipulation=config.manipulation(), efficient=config.efficient,
               last_logits_only=True)

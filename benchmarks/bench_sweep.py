@@ -5,7 +5,7 @@ What is compared
     same torch threads, same token ids):
 
     minillm   `generate_tokens(mode="cached")`: all examples of a task in one left-padded batch,
-              a KV cache, and prefix reuse: the unmanipulated prompt pass (`prefill`) is done once
+              a KV cache, and prefix reuse: the unmanipulated prompt pass (`PromptStates`) is done once
               per task, and every manipulated run starts at its layer k from those states and the
               cached keys/values of the layers below k.
     paper     the approach of the paper's released code, rebuilt on `transformers`: forward
@@ -22,7 +22,7 @@ What is compared
     max_new_tokens, and the same stop rule on both sides: the tokenizer's end-of-sequence id, or
     one of the task's stop strings appearing in the decoded answer (after its leading whitespace).
 
-    The manipulations (DESIGN §4), as hooks on the transformers side:
+    The manipulations (docs/manipulations.md), as hooks on the transformers side:
     random          pre-hook on layer k: previous tokens' inputs become `random_directions(seed,
                     position)` rescaled to each token's norm: the same noise minillm uses.
     freeze          pre-hook on layer k-1 keeps its input H[k-1]; pre-hooks on layers j >= k
@@ -39,7 +39,7 @@ What is compared
 How it is timed
     Cells (task, manipulation, k) alternate: minillm's run of a cell, then the paper approach's
     run of the same cell, so the noise of a shared machine falls on both. Each side's time
-    includes everything it needs: minillm's prefill per task, the paper side's donor passes.
+    includes everything it needs: minillm's prompt states per task, the paper side's donor passes.
     Wall time and process CPU time are both reported; with `--threads 1` (default) the CPU time
     is the steadier of the two when other jobs share the cores.
 
@@ -73,7 +73,7 @@ import common
 import torch
 from torch import nn
 
-from minillm.generate import generate_tokens, prefill
+from minillm.generate import PromptStates, generate_tokens
 from minillm.manipulation import KINDS, Manipulation, random_directions
 
 DEFAULT_LIMITS = "capitals=16,context-qa=4"
@@ -171,19 +171,20 @@ def grid(task: str, kinds: list[str], layers: list[int], num_layers: int) -> lis
 # ----------------------------------------------------------------------------- minillm's side
 
 class MinillmSweep:
-    """One batch per task: an unmanipulated prefill kept, then one batched, cached run per cell."""
+    """One batch per task: its unmanipulated prompt states kept, then one batched, cached run per cell."""
 
     def __init__(self, model, tokenizer, seed: int, efficient: bool):
         self.model, self.tokenizer, self.seed, self.efficient = model, tokenizer, seed, efficient
-        self.prefill = None
+        self.prompt_states = None
 
     def start_task(self, data: TaskData) -> None:
         self.data = data
-        self.prefill = prefill(self.model, data.prompts, data.task.max_new_tokens, pad_id=self.tokenizer.pad_id)
+        self.prompt_states = PromptStates.compute(self.model, data.prompts, data.task.max_new_tokens,
+                                                  pad_id=self.tokenizer.pad_id)
 
     def donor_vectors(self, layer: int) -> torch.Tensor:
-        """[B, 1, D]: H[layer] at the swap position in each example's donor prompt (from the kept prefill)."""
-        states, width = self.prefill.states, self.prefill.input_ids.shape[1]
+        """[B, 1, D]: H[layer] at the swap position in each example's donor prompt (from the kept prompt states)."""
+        states, width = self.prompt_states.states, self.prompt_states.input_ids.shape[1]
         rows = []
         for b in range(len(self.data.prompts)):
             donor = self.data.donor(b)
@@ -205,7 +206,7 @@ class MinillmSweep:
         result = generate_tokens(self.model, self.data.prompts, self.data.task.max_new_tokens,
                                  eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
                                  manipulation=self.manipulation(cell), mode="cached", stop=self.data.stop,
-                                 reuse=self.prefill, efficient=self.efficient)
+                                 prompt_states=self.prompt_states, efficient=self.efficient)
         return result.tokens
 
 

@@ -48,8 +48,8 @@ import torch
 from tqdm import tqdm
 
 from evals.metrics import accuracy, normalize_answer
-from evals.sweep import (BASELINE, Batch, Condition, LayerGrid, ResultLog, SweepError, batch_prefill, dtype_name,
-                         generate_answers, length_sorted_batches, make_record, missing, read_records)
+from evals.sweep import (BASELINE, Batch, Condition, LayerGrid, ResultLog, SweepError, batch_prompt_states,
+                         dtype_name, generate_answers, length_sorted_batches, make_record, missing, read_records)
 from evals.tasks import Example, Task, capitals
 from minillm.generate import left_pad
 from minillm.manipulation import Manipulation
@@ -147,7 +147,8 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
         for batch in length_sorted_batches(task, candidates, tokenizer, batch_size):
             indices = missing(log, batch, baseline)
             if indices:
-                generations = generate_answers(model, tokenizer, batch, None, batch_prefill(model, tokenizer, batch))
+                prompt_states = batch_prompt_states(model, tokenizer, batch)
+                generations = generate_answers(model, tokenizer, batch, None, prompt_states)
                 for index in indices:
                     log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
                 log.flush()
@@ -184,13 +185,13 @@ def swap_batch(model: Transformer, tokenizer: Tokenizer, batch: Batch, donors: l
     if not any(todo.values()):
         return
     states = donor_states(model, tokenizer, donors)
-    reuse = batch_prefill(model, tokenizer, batch)
+    prompt_states = batch_prompt_states(model, tokenizer, batch)
     for k, indices in todo.items():
         if not indices:
             continue
         swap = Manipulation("swap", k, positions=(position,), vectors=states[k][:, None],
                             description=f"country token <- last token of '{DONOR_TEMPLATE}' at layer {k}")
-        generations = generate_answers(model, tokenizer, batch, swap, reuse)
+        generations = generate_answers(model, tokenizer, batch, swap, prompt_states)
         for index in indices:
             record = make_record(batch, index, Condition("swap", k), swap, generations[index], model, model_name)
             donor = donors[index]

@@ -41,7 +41,7 @@ numbers whether it runs first, after a resume, or in another shard. Hence:
   (Two processes must never run the same shard into the same directory.)
 
 Below layer k every manipulation computes exactly what the baseline computes, so
-each batch is run once unmanipulated (`prefill`) and every condition of that
+each batch is run once unmanipulated (`PromptStates`) and every condition of that
 batch starts from the stored states at its own layer k.
 """
 
@@ -59,13 +59,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from evals.tasks import Example, Task
-from minillm.generate import Prefill, generate_tokens, prefill
-from minillm.manipulation import KINDS, Manipulation
+from minillm.generate import PromptStates, generate_tokens
+from minillm.manipulation import KIND_FACTS, Manipulation
 from minillm.model import Transformer
 from minillm.tokenizer import Tokenizer
 
 BASELINE = "baseline"
-SWEEP_KINDS = tuple(kind for kind in KINDS if kind != "swap")
+SWEEP_KINDS = tuple(kind for kind, facts in KIND_FACTS.items() if not facts.donor)
 RESULTS_GLOB = "results*.jsonl"
 
 
@@ -117,7 +117,7 @@ def layers_for(kind: str, grid: LayerGrid, num_layers: int) -> list[int]:
 
     freeze keeps H[k-1], so its lowest valid k is 1: a grid value of 0 becomes 1 for freeze.
     """
-    lowest = 1 if kind == "freeze" else 0
+    lowest = KIND_FACTS[kind].lowest_layer
     return sorted({max(k, lowest) for k in grid.values(num_layers) if k < num_layers})
 
 
@@ -141,7 +141,7 @@ class Condition:
 
 def check_kinds(kinds: Sequence[str]) -> None:
     for kind in kinds:
-        if kind == "swap":
+        if kind in KIND_FACTS and KIND_FACTS[kind].donor:
             raise SweepError("swap is not a sweep kind: it needs a donor state per prompt; "
                              "run the swap experiment instead (minillm swap)")
         if kind not in SWEEP_KINDS:
@@ -155,7 +155,7 @@ def conditions(kinds: Sequence[str], grid: LayerGrid, seeds: int, num_layers: in
         raise SweepError(f"--seeds must be at least 1, got {seeds}")
     runs = [Condition(BASELINE, num_layers)]
     for kind in kinds:
-        kind_seeds = range(seeds) if kind == "random" else [None]
+        kind_seeds = range(seeds) if KIND_FACTS[kind].seeded else [None]
         runs += [Condition(kind, k, seed) for k in layers_for(kind, grid, num_layers) for seed in kind_seeds]
     return runs
 
@@ -303,8 +303,8 @@ def reached_stop(text: str, stop: Sequence[str]) -> bool:
 
 
 def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, manipulation: Manipulation | None,
-                     reuse: Prefill) -> list[str]:
-    """Greedy generations (decoded, stop token dropped) for a batch, starting from its prefill.
+                     prompt_states: PromptStates) -> list[str]:
+    """Greedy generations (decoded, stop token dropped) for a batch, starting from its shared prompt states.
 
     efficient=True lets freeze and skip_attention skip the work whose result nobody reads (the same
     tokens, less compute): see `generate_tokens`.
@@ -313,12 +313,12 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, man
     result = generate_tokens(
         model, batch.prompts, task.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
         manipulation=manipulation, stop=lambda new_tokens: reached_stop(tokenizer.decode(new_tokens), task.stop),
-        reuse=reuse, efficient=True)
+        prompt_states=prompt_states, efficient=True)
     return [tokenizer.decode(tokens) for tokens in result.tokens]
 
 
-def batch_prefill(model: Transformer, tokenizer: Tokenizer, batch: Batch) -> Prefill:
-    return prefill(model, batch.prompts, batch.task.max_new_tokens, pad_id=tokenizer.pad_id)
+def batch_prompt_states(model: Transformer, tokenizer: Tokenizer, batch: Batch) -> PromptStates:
+    return PromptStates.compute(model, batch.prompts, batch.task.max_new_tokens, pad_id=tokenizer.pad_id)
 
 
 def dtype_name(model: Transformer) -> str:
@@ -385,18 +385,18 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
     # Progress in tokens (prompt + answer budget), a fair measure of cost across tasks, so the ETA holds.
     total = sum(work(batch, range(len(batch.examples))) for batch, _ in units)
     remaining = sum(work(batch, indices) for batch, _, indices in todo)
-    reuse, reuse_batch = None, None
+    prompt_states, states_batch = None, None
     try:
         with tqdm(total=total, initial=total - remaining, unit="tok", unit_scale=True, desc="sweep",
                   file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for batch, condition, indices in todo:
                 if not indices:
                     continue
-                if reuse_batch is not batch:  # units come batch by batch: one unmanipulated pass per batch
-                    reuse, reuse_batch = batch_prefill(model, tokenizer, batch), batch
+                if states_batch is not batch:  # units come batch by batch: one unmanipulated pass per batch
+                    prompt_states, states_batch = batch_prompt_states(model, tokenizer, batch), batch
                 bar.set_description(f"{batch.task.name} {condition.kind} k={condition.k}")
                 manipulation = condition.manipulation()
-                generations = generate_answers(model, tokenizer, batch, manipulation, reuse)
+                generations = generate_answers(model, tokenizer, batch, manipulation, prompt_states)
                 for index in indices:
                     log.write(make_record(batch, index, condition, manipulation, generations[index], model,
                                           model_name))

@@ -17,7 +17,8 @@ import os
 import sys
 import traceback
 
-from minillm.manipulation import KINDS
+from minillm.generate import MODES
+from minillm.manipulation import KIND_FACTS, KINDS
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -53,7 +54,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     import minillm
     from minillm.generate import Sampling
-    from minillm.inputs import check_count, check_prompt_texts, check_temperature, check_top_p
+    from minillm.inputs import (
+        check_count,
+        check_prompt_texts,
+        check_temperature,
+        check_top_p,
+    )
 
     check_model_arguments(args)
     check_temperature(args.temperature, "--temperature")
@@ -61,16 +67,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_count(args.top_k, "--top-k")
     check_count(args.max_new_tokens, "--max-new-tokens")
     check_prompt_texts(args.prompt, "the prompt")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    manipulation = None
+    donor_flags = (args.donor_prompt, args.donor_position, args.position)
+    takes_donor = args.manipulation is not None and KIND_FACTS[args.manipulation].donor
     if args.manipulation:
         if args.layer is None:
             raise ValueError("--manipulation needs --layer K (the first decoder layer whose view is altered)")
-        manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed)
     elif args.layer is not None:
         raise ValueError("--layer only applies with --manipulation")
+    if takes_donor and None in (args.donor_prompt, args.position):
+        raise ValueError(f"--manipulation {args.manipulation} needs --donor-prompt TEXT and --position J")
+    if not takes_donor and any(flag is not None for flag in donor_flags):
+        raise ValueError("--donor-prompt, --donor-position and --position only apply with --manipulation swap")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = minillm.load(args.model, dtype=args.dtype, device=args.device)
+    manipulation = None
+    if takes_donor:
+        manipulation = donor_manipulation(model, tokenizer, args)
+    elif args.manipulation:
+        manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     write = lambda text: print(text, end="", flush=True)  # noqa: E731
     try:
@@ -80,6 +95,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()  # end the streamed line before the interruption is reported
         raise
     print()
+
+
+def donor_manipulation(model, tokenizer, args: argparse.Namespace):
+    """swap from the command line: the donor prompt's H[k] at --donor-position goes to --position of the prompt."""
+    import torch
+
+    from minillm.manipulation import Manipulation
+
+    L, k = model.config.num_layers, args.layer
+    if not 0 <= k <= L:
+        raise ValueError(f"--layer {k} is outside 0..{L} for a {L}-layer model")
+    donor_ids = tokenizer.encode(args.donor_prompt)
+    donor_position = -1 if args.donor_position is None else args.donor_position
+    if not -len(donor_ids) <= donor_position < len(donor_ids):
+        raise ValueError(f"--donor-position {donor_position} is outside the donor prompt's {len(donor_ids)} tokens")
+    with torch.no_grad():
+        states = model.residual_stream(torch.tensor([donor_ids], device=model.embed_tokens.weight.device))
+    vector = states[k][0, donor_position][None]  # [1, D]
+    return Manipulation(args.manipulation, k, positions=(args.position,), vectors=vector,
+                        description=f"position {donor_position} of {args.donor_prompt!r} at layer {k}")
 
 
 # ----------------------------------------------------------------------------- sweeps and reports
@@ -201,8 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--manipulation", choices=KINDS, help="manipulate previous tokens from layer --layer up")
     gen.add_argument("--layer", type=int, help="k: the first decoder layer whose view of previous tokens is altered")
+    gen.add_argument("--donor-prompt", help="swap: the prompt whose state at layer k is taken")
+    gen.add_argument("--donor-position", type=int,
+                     help="swap: the donor prompt's token whose H[k] is taken (default: -1, its last token)")
+    gen.add_argument("--position", type=int,
+                     help="swap: the prompt's token (0 = its first, counted after any chat wrapping) that gets it")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling and for random vectors")
-    gen.add_argument("--mode", choices=("cached", "faithful"), default="cached",
+    gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")
     gen.set_defaults(run=cmd_generate)
 

@@ -1,6 +1,7 @@
 """Batched autoregressive generation: greedy or sampled, with or without the KV cache.
 
-Two modes for a manipulated model (DESIGN §4); both give the same tokens:
+Two modes for a manipulated model (docs/manipulations.md, "Generation: faithful and
+cached"); both give the same tokens:
 
 - "faithful": the paper's procedure: every step reruns the whole sequence, so a
   generated token is manipulated as soon as it is no longer the last one.
@@ -11,8 +12,11 @@ Two modes for a manipulated model (DESIGN §4); both give the same tokens:
   every kind. Random vectors depend only on (seed, position), so the noise a token
   gets is the same at every step; the paper's code redraws it at each step.
 
-Sweeps can also reuse an unmanipulated prefill (`Prefill`): layers below k are the
-same for every manipulation at k, so each manipulated run starts at layer k.
+Sweeps can also share the prompts' unmanipulated pass (`PromptStates`): layers below
+k are the same for every manipulation at k, so each manipulated run starts at layer k.
+A generation is three steps: `start` (a fresh pass over the prompts, or one from shared
+prompt states), `decode_step` (one token more), and `drop_finished` (rows that are done
+leave the batch).
 """
 
 from __future__ import annotations
@@ -48,27 +52,27 @@ class Sampling:
 
 
 @dataclass
-class Prefill:
-    """The unmanipulated pass over a batch of prompts, kept to start manipulated runs at their layer k."""
+class PromptStates:
+    """The unmanipulated pass over a batch of prompts, shared by manipulated runs that start at their layer k."""
 
     input_ids: torch.Tensor  # [B, T] left-padded
     attention_mask: torch.Tensor  # [B, T]
     states: torch.Tensor  # H [L+1, B, T, D]
     cache: KVCache | None  # keys/values of all layers after the prompt (cached mode)
 
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
+                mode: str = "cached") -> "PromptStates":
+        """Run the prompts once without manipulation, keeping every layer's states (and the KV cache)."""
+        device = model.embed_tokens.weight.device
+        input_ids, attention_mask = left_pad(prompts, pad_id, device)
+        cache = new_cache(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if mode == "cached" else None
+        _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True)
+        return cls(input_ids, attention_mask, states, cache)
 
-@torch.no_grad()
-def prefill(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
-            mode: str = "cached") -> Prefill:
-    """Run the prompts once without manipulation, keeping every layer's states (and the KV cache)."""
-    device = model.embed_tokens.weight.device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    cache = _new_cache(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if mode == "cached" else None
-    _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True)
-    return Prefill(input_ids, attention_mask, states, cache)
 
-
-def _new_cache(model: Transformer, batch_size: int, length: int, num_layers: int | None = None) -> KVCache:
+def new_cache(model: Transformer, batch_size: int, length: int, num_layers: int | None = None) -> KVCache:
     weight = model.embed_tokens.weight
     return KVCache(model.config, batch_size, length, dtype=weight.dtype, device=weight.device, num_layers=num_layers)
 
@@ -96,20 +100,18 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
 def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                     eos_ids: Sequence[int] = (), pad_id: int = 0, sampling: Sampling | None = None,
                     manipulation: Manipulation | None = None, mode: str = "cached",
-                    stop: Callable[[list[int]], bool] | None = None, reuse: Prefill | None = None,
+                    stop: Callable[[list[int]], bool] | None = None, prompt_states: PromptStates | None = None,
                     on_token: Callable[[int, int], None] | None = None,
                     return_logits: bool = False, efficient: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
     `on_token(sequence_index, token)` is called as tokens are chosen (for streaming).
-    `reuse`: the `prefill` of these same prompts; the first pass then starts at the manipulated layer
-    (and, for a swap with a cache, at the first swapped position).
+    `prompt_states`: the `PromptStates` of these same prompts; the first pass then starts at the
+    manipulated layer (and, with a cache, at the first column the manipulation changes).
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
     tokens only as far as anyone reads them; skip_attention runs only the last position from layer k up
     and keeps no KV cache there.
-    A sequence that has stopped leaves the batch (once a quarter of the rows have), so the others go on
-    without computing it (no row reads another, so only the rounding of a smaller batch can differ).
     """
     check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
                      manipulation=manipulation)
@@ -119,83 +121,111 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = sampling or Sampling()
     generator = torch.Generator().manual_seed(sampling.seed)
-    device = model.embed_tokens.weight.device
     B = len(prompts)
-    if reuse is None:
-        input_ids, attention_mask = left_pad(prompts, pad_id, device)
-        cache_layers = None
-        if efficient and manipulation is not None and manipulation.kind == "skip_attention":
-            cache_layers = manipulation.layer
-        cache = _new_cache(model, B, input_ids.shape[1] + max_new_tokens, cache_layers) if mode == "cached" else None
-        column, first_pass = 0, {}
-    else:
-        if (reuse.cache is None) != (mode == "faithful") or reuse.input_ids.shape[0] != B:
-            raise ValueError("reuse: the prefill was made for another batch or another mode")
-        input_ids, attention_mask = reuse.input_ids, reuse.attention_mask
-        cache, column = None, 0
-        if mode == "cached":
-            cache = reuse.cache.clone()
-            if cache.max_length < input_ids.shape[1] + max_new_tokens:
-                raise ValueError(f"reuse: the prefill's cache holds {cache.max_length} tokens, too few for "
-                                 f"{max_new_tokens} new tokens")
-            if manipulation is not None and manipulation.kind == "swap":
-                column = first_swapped_column(manipulation, attention_mask)
-            cache.rewind(column)
-        k = model.config.num_layers if manipulation is None else manipulation.layer
-        first_pass = {"start_layer": k, "states_below": reuse.states[:, :, column:]}
-
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    rows = list(range(B))  # which sequence each row of the batch is; finished ones are dropped
     eos = set(eos_ids)
     step_logits = []
-    step_input, step_mask = input_ids[:, column:], attention_mask[:, column:]
-    for _ in range(max_new_tokens):
-        logits = model(step_input, step_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
-                       efficient=efficient, **first_pass)
-        first_pass = {}
-        logits = logits[:, -1].float()
+    if max_new_tokens == 0:
+        left_pad(prompts, pad_id)  # the prompts are still checked
+        return Generation(new_tokens, torch.empty(B, 0, model.config.vocab_size) if return_logits else None)
+    batch, logits = start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode=mode,
+                          prompt_states=prompt_states, efficient=efficient)
+    for step in range(max_new_tokens):
         token = choose_next(logits, sampling, generator)
         if return_logits:  # [B, V]; NaN for sequences that have already stopped
-            live = [i for i, row in enumerate(rows) if not done[row]]
+            live = [i for i, row in enumerate(batch.rows) if not done[row]]
             every_sequence = logits.new_full((B, logits.shape[-1]), float("nan"))
-            every_sequence[[rows[i] for i in live]] = logits[live]
+            every_sequence[[batch.rows[i] for i in live]] = logits[live]
             step_logits.append(every_sequence)
-        for row, t in zip(rows, token.tolist()):
-            if done[row]:
+        for row, t in zip(batch.rows, token.tolist(), strict=True):
+            if done[row]:  # finished, but still in the batch (rows leave it a quarter at a time)
                 continue
             new_tokens[row].append(t)
             if on_token is not None:
                 on_token(row, t)
             done[row] = t in eos or (stop is not None and stop(new_tokens[row]))
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:
             break
-        keep = [i for i, row in enumerate(rows) if not done[row]]
-        if len(keep) <= 0.75 * len(rows):
-            # A quarter of the rows has finished: stop computing them (each drop copies the cache, so
-            # not one at a time).
-            index = torch.tensor(keep, device=device)
-            rows = [rows[i] for i in keep]
-            token, input_ids, attention_mask = token[index], input_ids[index], attention_mask[index]
-            if cache is not None:
-                cache.keep_rows(index)
-            if manipulation is not None:
-                manipulation = manipulation.for_rows(index)
-        if cache is None:  # faithful: rerun everything, the new token appended
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
-            step_input, step_mask = input_ids, attention_mask
-        else:
-            step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
+        token = drop_finished(batch, token, done)
+        logits = decode_step(model, batch, token, efficient)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)
 
 
-def first_swapped_column(swap: Manipulation, attention_mask: torch.Tensor) -> int:
-    """The first column of a left-padded batch that a swap changes. Attention is causal, so every column
-    before it has the same states at every layer as without the swap: its cached keys/values stay valid."""
-    padding = attention_mask.shape[1] - attention_mask.sum(dim=1)
-    return min(int(padding.min()) + min(swap.positions), attention_mask.shape[1] - 1)
+@dataclass
+class Batch:
+    """The sequences still being generated, and what the next model call needs to know about them."""
+
+    rows: list[int]  # which sequence each row of the batch is (finished ones are dropped)
+    manipulation: Manipulation | None
+    cache: KVCache | None  # cached mode
+    input_ids: torch.Tensor  # [B, T] every token so far: faithful mode reruns them all at each step
+    attention_mask: torch.Tensor  # [B, T]
+
+
+def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
+          manipulation: Manipulation | None, mode: str, prompt_states: PromptStates | None,
+          efficient: bool) -> tuple[Batch, torch.Tensor]:
+    """The first pass: fresh over the prompts, or from shared prompt states. Returns the batch and the
+    last-position logits [B, V] (fp32)."""
+    L = model.config.num_layers
+    if prompt_states is None:
+        input_ids, attention_mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
+        cache = None
+        if mode == "cached":
+            layers = None if manipulation is None else manipulation.cache_layers(L, efficient)
+            cache = new_cache(model, len(prompts), input_ids.shape[1] + max_new_tokens, layers)
+        logits = model(input_ids, attention_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
+                       efficient=efficient)
+        return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
+
+    input_ids, attention_mask = prompt_states.input_ids, prompt_states.attention_mask
+    if (prompt_states.cache is None) != (mode == "faithful") or input_ids.shape[0] != len(prompts):
+        raise ValueError("prompt_states: they were computed for another batch or another mode")
+    cache, column = None, 0
+    if mode == "cached":
+        cache = prompt_states.cache.clone()
+        if cache.max_length < input_ids.shape[1] + max_new_tokens:
+            raise ValueError(f"prompt_states: their cache holds {cache.max_length} tokens, too few for "
+                             f"{max_new_tokens} new tokens")
+        if manipulation is not None:
+            column = manipulation.first_changed_column(attention_mask)
+        cache.rewind(column)
+    # The pass starts at layer k (k = L without a manipulation: only the head runs).
+    logits = model(input_ids[:, column:], attention_mask[:, column:], cache=cache, manipulation=manipulation,
+                   last_logits_only=True, efficient=efficient, prompt_states=prompt_states.states[:, :, column:])
+    return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
+
+
+def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False) -> torch.Tensor:
+    """Append token [B] to every sequence of the batch; return the next last-position logits [B, V] (fp32)."""
+    if batch.cache is None:  # faithful: rerun everything, the new token appended
+        batch.input_ids = torch.cat([batch.input_ids, token[:, None]], dim=1)
+        batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)[:, None]], dim=1)
+        step_input, step_mask = batch.input_ids, batch.attention_mask
+    else:
+        step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
+    logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
+                   efficient=efficient)
+    return logits[:, -1].float()
+
+
+def drop_finished(batch: Batch, token: torch.Tensor, done: list[bool]) -> torch.Tensor:
+    """Once a quarter of the rows has finished, stop computing them (each drop copies the cache, so not one
+    at a time). No row reads another, so only the rounding of a smaller batch can differ. Returns the
+    tokens of the rows kept."""
+    keep = [i for i, row in enumerate(batch.rows) if not done[row]]
+    if len(keep) > 0.75 * len(batch.rows):
+        return token
+    index = torch.tensor(keep, device=token.device)
+    batch.rows = [batch.rows[i] for i in keep]
+    batch.input_ids, batch.attention_mask = batch.input_ids[index], batch.attention_mask[index]
+    if batch.cache is not None:
+        batch.cache.keep_rows(index)
+    if batch.manipulation is not None:
+        batch.manipulation = batch.manipulation.for_rows(index)
+    return token[index]
 
 
 def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""The four manipulations of "Attend First, Consolidate Later" as plain data.
+"""The four manipulations of "Attend First, Consolidate Later" as plain data, with each kind's facts.
 
 A `Manipulation` says *what* to do to previous tokens and *from which layer*;
-`model.py` does it, as visible lines of the decoder block. Notation (DESIGN §4):
-`H[j]` is the residual stream entering decoder layer j; "previous tokens" are
-all real (non-padding) positions of a sequence except its last one; `layer` is
-k, the first decoder layer whose view of previous tokens is altered, and k = L
-(the number of layers) means no manipulation at all.
+`model.py` does it, as visible lines of the decoder block (`Block.manipulate`).
+Notation (docs/manipulations.md defines it exactly): `H[j]` is the residual
+stream entering decoder layer j; "previous tokens" are all real (non-padding)
+positions of a sequence except its last one; `layer` is k, the first decoder
+layer whose view of previous tokens is altered, and k = L (the number of
+layers) means no manipulation at all.
 
     random          at the input of layer k only, each previous token's H[k] becomes a
                     Gaussian direction scaled to that token's own L2 norm
@@ -13,6 +14,10 @@ k, the first decoder layer whose view of previous tokens is altered, and k = L
                     overwritten with it (their stream stops evolving)
     swap            at the input of layer k only, the given positions get the given vectors
     skip_attention  layers j >= k skip input-norm + attention for all positions
+
+What the rest of the code needs to know about a kind is in `KIND_FACTS`, and
+nowhere else: outside this file and the visible lines of `Block.manipulate`, no
+code compares kind names.
 """
 
 from __future__ import annotations
@@ -23,7 +28,27 @@ import torch
 
 from minillm.errors import ManipulationError
 
-KINDS = ("random", "freeze", "swap", "skip_attention")
+
+@dataclass(frozen=True)
+class KindFacts:
+    """What callers need to know about one kind of manipulation."""
+
+    lowest_layer: int = 0  # the smallest valid k (freeze keeps H[k-1], so its k starts at 1)
+    seeded: bool = False  # the seed chooses the manipulation (random: which noise)
+    donor: bool = False  # needs positions and donor vectors (swap); changes nothing before its first position
+    # With efficient=True a KV cache is needed for layers below k only (skip_attention: from k up no
+    # token reads another).
+    cache_below_k_only: bool = False
+
+
+KIND_FACTS = {
+    "random": KindFacts(seeded=True),
+    "freeze": KindFacts(lowest_layer=1),
+    "swap": KindFacts(donor=True),
+    "skip_attention": KindFacts(cache_below_k_only=True),
+}
+
+KINDS = tuple(KIND_FACTS)  # ("random", "freeze", "swap", "skip_attention")
 
 # Noise is drawn in blocks of positions, each block from its own seeded generator, so the
 # vector a position gets depends only on (seed, position): not on the batch, the padding or
@@ -41,12 +66,12 @@ class Manipulation:
     description: str = ""  # free text kept with results, e.g. which donor the swap vectors came from
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ManipulationError(f"unknown manipulation kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.kind not in KIND_FACTS:
+            raise ManipulationError(f"unknown manipulation kind {self.kind!r}; choose one of {', '.join(KIND_FACTS)}")
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise ManipulationError(f"manipulation layer must be an integer, got {self.layer!r}")
         object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
-        if self.kind == "swap":
+        if self.facts.donor:
             if not self.positions:
                 raise ManipulationError("swap needs at least one position")
             if len(set(self.positions)) != len(self.positions):
@@ -63,14 +88,18 @@ class Manipulation:
         elif self.positions or self.vectors is not None:
             raise ManipulationError(f"positions/vectors only apply to swap, not {self.kind}")
 
+    @property
+    def facts(self) -> KindFacts:
+        return KIND_FACTS[self.kind]
+
     def check(self, num_layers: int, hidden_size: int, lengths: list[int]) -> None:
         """Raise if this manipulation cannot apply to a model of this size and sequences of these lengths."""
-        lowest = 1 if self.kind == "freeze" else 0
+        lowest = self.facts.lowest_layer
         if not lowest <= self.layer <= num_layers:
-            why = " (freeze keeps H[k-1], so k >= 1)" if self.kind == "freeze" and self.layer == 0 else ""
+            why = f" ({self.kind} keeps H[k-1], so k >= 1)" if self.layer < lowest else ""
             raise ManipulationError(
                 f"{self.kind} layer k={self.layer} is outside {lowest}..{num_layers} for a {num_layers}-layer model{why}")
-        if self.kind != "swap":
+        if not self.facts.donor:
             return
         if self.vectors.shape[-1] != hidden_size:
             raise ManipulationError(f"swap vectors have width {self.vectors.shape[-1]}, the model's hidden size is {hidden_size}")
@@ -81,6 +110,19 @@ class Manipulation:
             if bad:
                 raise ManipulationError(f"swap positions {bad} are outside sequence {b} of length {length}")
 
+    def first_changed_column(self, attention_mask: torch.Tensor) -> int:
+        """The first column of a left-padded batch [B, T] that this manipulation changes. Attention is causal,
+        so every column before it has the same states at every layer as without the manipulation (and its
+        cached keys/values stay valid). Donor kinds start at their first position; the others at column 0."""
+        if not self.facts.donor:
+            return 0
+        padding = attention_mask.shape[1] - attention_mask.sum(dim=1)
+        return min(int(padding.min()) + min(self.positions), attention_mask.shape[1] - 1)
+
+    def cache_layers(self, num_layers: int, efficient: bool) -> int:
+        """How many layers (from the bottom) a KV cache must hold for this manipulation."""
+        return self.layer if efficient and self.facts.cache_below_k_only else num_layers
+
     def for_rows(self, rows: torch.Tensor) -> "Manipulation":
         """The same manipulation for these sequences of the batch only (per-sequence swap vectors selected)."""
         if self.vectors is None or self.vectors.dim() == 2:
@@ -90,9 +132,9 @@ class Manipulation:
     def to_dict(self) -> dict:
         """A JSON-ready record (swap vectors are summarised by shape; `description` says where they came from)."""
         record = {"kind": self.kind, "layer": self.layer}
-        if self.kind == "random":
+        if self.facts.seeded:
             record["seed"] = self.seed
-        if self.kind == "swap":
+        if self.facts.donor:
             record["positions"] = list(self.positions)
             record["vectors_shape"] = list(self.vectors.shape)
         if self.description:

@@ -8,22 +8,23 @@ j, before its input norm; `H[0]` is the token embeddings and `H[L]` the output
 of the last layer, before the final norm. (Hugging Face's
 `output_hidden_states[L]` is *after* the final norm: see `hf_hidden_states`.)
 
-The manipulations of "Attend First, Consolidate Later" (see manipulation.py)
-happen in `Block.forward`, each as a visible line, from a per-layer `LayerEdit`
-that `Transformer.forward` prepares.
+The manipulations of "Attend First, Consolidate Later" (see manipulation.py and
+docs/manipulations.md) happen in `Block.manipulate`, each as a visible line, from
+a per-layer `LayerEdit` that `Transformer.layer_edits` prepares before the layer
+loop of `Transformer.forward`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.manipulation import Manipulation, ManipulationError, random_directions
+from minillm.manipulation import Manipulation, random_directions
 
 
 class RMSNorm(nn.Module):
@@ -88,18 +89,21 @@ class KVCache:
 
     Slots are shared by the batch; `key_valid` marks which slots hold real tokens
     (left padding does not), and `next_position` is each sequence's next RoPE position.
+    All writes go through the methods below; each attention layer writes through its own
+    `LayerCache` view (`layer(j)`), so the whole cache stays one tensor that clone, rewind
+    and keep_rows handle at once.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_layers: int | None = None):
         # num_layers < L: a cache for the lowest layers only (skip_attention from that layer on needs no more)
-        layers = config.num_layers if num_layers is None else num_layers
-        shape = (layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.num_layers = config.num_layers if num_layers is None else num_layers
+        shape = (self.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0  # slots filled so far
+        self.length = 0  # slots filled so far, the current pass's tokens included
         self.max_length = max_length
 
     def nbytes(self) -> int:
@@ -111,6 +115,28 @@ class KVCache:
                               for name, value in self.__dict__.items()})
         return copy
 
+    def append(self, attention_mask: torch.Tensor) -> None:
+        """Give the next T slots to a pass's tokens (attention_mask [B, T], bool). Their keys/values are
+        stored by the layers as the pass runs (`LayerCache.update`)."""
+        start, end = self.length, self.length + attention_mask.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; this pass needs {end}")
+        self.key_valid[:, start:end] = attention_mask
+        self.next_position += attention_mask.sum(dim=1)
+        self.length = end
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values [B, kv_heads, t, head_dim] of the current pass's last t tokens into this layer's
+        slots; return all of the layer's keys/values so far [B, kv_heads, length, head_dim]."""
+        start = self.length - keys.shape[2]
+        self.keys[layer, :, :, start:self.length] = keys
+        self.values[layer, :, :, start:self.length] = values
+        return self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
+
+    def layer(self, layer: int) -> "LayerCache | None":
+        """Layer `layer`'s view of the cache (None above the layers this cache holds)."""
+        return LayerCache(self, layer) if layer < self.num_layers else None
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these sequences of the batch (in this order): generation drops finished ones."""
         self.keys, self.values = self.keys[:, rows], self.values[:, rows]
@@ -118,10 +144,22 @@ class KVCache:
 
     def rewind(self, slot: int = 0) -> None:
         """Forget the tokens from `slot` on, but keep their stored keys/values, so that a pass over the
-        same tokens with `start_layer=k` reuses those of the layers below k (prefix reuse in sweeps)."""
+        same tokens that starts at layer k (prefix reuse) reuses those of the layers below k."""
         self.length = slot
         self.key_valid[:, slot:] = False
         self.next_position = self.key_valid.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One attention layer's view of a `KVCache`: the layer index stays here, not in every call."""
+
+    cache: KVCache
+    layer: int
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the newest tokens' keys/values; return every key/value this layer holds (see `KVCache.store`)."""
+        return self.cache.store(self.layer, keys, values)
 
 
 # ----------------------------------------------------------------------------- attention and MLP
@@ -139,38 +177,35 @@ class Attention(nn.Module):
     def keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Rotated keys and values [B, kv_heads, T, head_dim] of normed inputs x [B, T, D]."""
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(k, *rope), v
+        keys = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(keys, *rope), values
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, slot: int = 0,
-                last_query_only: bool = False):
-        """With a cache, x's keys/values go to slots slot..slot+T-1 and attention reads slots 0..slot+T-1.
+    def forward(self, x, rope, mask, cache: LayerCache | None = None, last_query_only: bool = False):
+        """With a cache, x's keys/values fill this pass's slots and attention reads every slot so far.
         last_query_only: every position supplies keys/values, but only the last one asks (output [B, 1, D])."""
-        k, v = self.keys_values(x, rope)
-        B, T, _ = x.shape
+        keys, values = self.keys_values(x, rope)
+        B = x.shape[0]
         if last_query_only:
             x, rope, mask = x[:, -1:], tuple(table[:, -1:] for table in rope), mask[:, :, -1:]
-        q = self.q_proj(x).view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Tq, hd]
-        q = apply_rope(q, *rope)
+        Tq = x.shape[1]
+        queries = self.q_proj(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Tq, hd]
+        queries = apply_rope(queries, *rope)
         if cache is not None:
-            cache.keys[layer, :, :, slot:slot + T] = k
-            cache.values[layer, :, :, slot:slot + T] = v
-            k, v = cache.keys[layer, :, :, :slot + T], cache.values[layer, :, :, :slot + T]
+            keys, values = cache.update(keys, values)
         # GQA: key/value head j serves query heads j*g .. j*g+g-1
         groups = self.num_heads // self.num_kv_heads
-        Tq = x.shape[1]
         if Tq == 1:
             # One query per sequence (every decoding step): the g query heads of key/value head j take
             # the place of query positions, so the cached keys/values are read as they are, not copied
             # g times. The mask [B, 1, 1, T_keys] is the same for all of them.
-            q = q.view(B, self.num_kv_heads, groups, self.head_dim)
+            queries = queries.view(B, self.num_kv_heads, groups, self.head_dim)
         else:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         if self.implementation == "math":
-            out = math_attention(q, k, v, mask)
+            out = math_attention(queries, keys, values, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         out = out.reshape(B, self.num_heads, Tq, self.head_dim)  # [B, heads, Tq, hd]
         out = out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -198,19 +233,22 @@ class MLP(nn.Module):
 
 # ----------------------------------------------------------------------------- block
 
-@dataclass
+@dataclass(frozen=True)
 class LayerEdit:
     """What one layer does to its input this forward pass (all None/False: a plain layer)."""
 
     previous: torch.Tensor | None = None  # [B, T, 1] bool: the previous tokens among this pass's positions
     random: torch.Tensor | None = None  # [B, T, D] Gaussian directions for previous tokens
-    frozen: torch.Tensor | None = None  # [B, T, D] H[k-1], which previous tokens keep
+    freeze: bool = False  # previous tokens keep H[k-1] (the forward pass hands it to the block as `frozen`)
     swap_at: torch.Tensor | None = None  # [B, T, 1] bool: positions receiving a donor vector
     swap_vectors: torch.Tensor | None = None  # [B, T, D] the donor vectors, in place
     skip_attention: bool = False
     # Efficiency mode for freeze, from layer k-1 up: previous tokens' outputs are overwritten by H[k-1]
     # at the next layer anyway, so they only need keys/values; the last token alone gets attention and MLP.
     last_token_only: bool = False
+    # Efficiency mode for skip_attention, at layer k: from here up no token reads another, so only the
+    # last one goes on.
+    drop_previous: bool = False
 
 
 NO_EDIT = LayerEdit()
@@ -230,38 +268,39 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def manipulate(self, x: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
-        """What enters this layer: the incoming states x, with previous tokens manipulated as `edit` says."""
+    def manipulate(self, x: torch.Tensor, edit: LayerEdit, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What enters this layer: the incoming states x, with previous tokens manipulated as `edit` says.
+        frozen: H[k-1], which freeze's previous tokens keep."""
         if edit.random is not None:  # random: a Gaussian direction with the token's own norm
             x = torch.where(edit.previous, norm_matched(edit.random, x), x)
-        if edit.frozen is not None:  # freeze: previous tokens keep their H[k-1]
-            x = torch.where(edit.previous, edit.frozen, x)
+        if edit.freeze:  # freeze: previous tokens keep their H[k-1]
+            x = torch.where(edit.previous, frozen, x)
         if edit.swap_at is not None:  # swap: donor vectors at the given positions
             x = torch.where(edit.swap_at, edit.swap_vectors, x)
         return x
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slot: int = 0, edit: LayerEdit = NO_EDIT):
-        """x: this layer's input after `manipulate`."""
+    def forward(self, x, rope, mask, cache: LayerCache | None = None, edit: LayerEdit = NO_EDIT,
+                frozen: torch.Tensor | None = None):
+        """x: this layer's input after `manipulate`; frozen: H[k-1] under freeze."""
+        if edit.drop_previous:
+            x = x[:, -1:]
         if edit.last_token_only:
             # efficiency mode: the previous tokens' outputs are never read, they keep their input
-            attended = x[:, -1:] + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slot,
-                                                  last_query_only=True)
-            self._cache_newest_as_frozen(edit, rope, cache, layer, slot + x.shape[1] - 1)
+            attended = x[:, -1:] + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_query_only=True)
+            self._cache_newest_as_frozen(edit, frozen, rope, cache)
             return torch.cat([x[:, :-1], attended + self.mlp(self.post_attention_layernorm(attended))], dim=1)
         if not edit.skip_attention:  # skip_attention: no input norm, no attention; the MLP still runs
-            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slot)
-            self._cache_newest_as_frozen(edit, rope, cache, layer, slot + x.shape[1] - 1)
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+            self._cache_newest_as_frozen(edit, frozen, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _cache_newest_as_frozen(self, edit: LayerEdit, rope, cache: KVCache | None, layer: int, newest_slot: int):
+    def _cache_newest_as_frozen(self, edit: LayerEdit, frozen, rope, cache: LayerCache | None):
         """Freeze with a cache: the newest token attended with its genuine keys/values, but from the next step
         on it is a previous token, whose state here is its frozen H[k-1]. Cache what later tokens must see."""
-        if edit.frozen is None or cache is None:
+        if not edit.freeze or cache is None:
             return
-        newest = self.input_layernorm(edit.frozen[:, -1:])
-        k, v = self.self_attn.keys_values(newest, tuple(table[:, -1:] for table in rope))
-        cache.keys[layer, :, :, newest_slot] = k[:, :, 0]
-        cache.values[layer, :, :, newest_slot] = v[:, :, 0]
+        newest = self.input_layernorm(frozen[:, -1:])
+        cache.update(*self.self_attn.keys_values(newest, tuple(table[:, -1:] for table in rope)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -290,88 +329,74 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, manipulation: Manipulation | None = None,
-                output_hidden_states: bool = False, last_logits_only: bool = False,
-                start_layer: int = 0, states_below: torch.Tensor | None = None, efficient: bool = False):
+                output_hidden_states: bool = False, last_logits_only: bool = False, *,
+                prompt_states: torch.Tensor | None = None, efficient: bool = False):
         """Logits [B, T, V] for input_ids [B, T] (left-padded where attention_mask is 0).
 
         With a cache, input_ids are the new tokens only and attention_mask covers them only.
         With output_hidden_states, returns (logits, H) where H [L+1, B, T, D] holds the states
         that actually entered each layer (after any manipulation) and H[L] the last layer's output.
-
-        Prefix reuse: manipulations never change what happens below layer k, so a pass with
-        start_layer <= k can skip those layers, taking H[start_layer] (and, for freeze, H[k-1])
-        from `states_below`, the unmanipulated H of the same tokens (with a cache, the
-        unmanipulated keys/values of those layers must already be in it: see KVCache.rewind).
-
-        efficient: compute previous tokens only as far as anyone reads them, for the same last-position
-        logits, which are all it returns. freeze: from layer k-1 up, previous tokens get keys/values
-        only (no attention, no MLP). skip_attention: from layer k up, no token reads another, so only
-        the last one goes on (and a cache needs layers below k only).
+        prompt_states: start at layer k from these tokens' unmanipulated H (see `start_from`).
+        efficient: the same last-position logits, computing less (see `layer_edits`).
         """
-        B, T = input_ids.shape
         L = self.config.num_layers
-        if efficient and output_hidden_states:
-            raise ValueError("efficient computes the last position only; it cannot return hidden states")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(torch.bool)
-        if not attention_mask[:, -1].all():
-            raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
-        k = L if manipulation is None else manipulation.layer
-        if start_layer and (states_below is None or start_layer > k):
-            raise ValueError(f"start_layer={start_layer} needs states_below and must not exceed the manipulated layer {k}")
-        slot = 0 if cache is None else cache.length
-        positions, mask = self._positions_and_mask(attention_mask, cache)
+        attention_mask = checked_attention_mask(input_ids, attention_mask, efficient and output_hidden_states)
+        positions, mask = self.positions_and_mask(attention_mask, cache)
         rope = rope_tables(positions, rope_inverse_frequencies(self.config))
-        edits = self._edits(manipulation, attention_mask, positions, efficient)
-
-        x = self.embed_tokens(input_ids) if start_layer == 0 else states_below[start_layer]
-        states = list(states_below[:start_layer]) if output_hidden_states and start_layer else []
-        freezing = manipulation is not None and manipulation.kind == "freeze" and k < L
-        skipping_efficiently = efficient and manipulation is not None and manipulation.kind == "skip_attention"
-        frozen = states_below[k - 1] if start_layer and freezing else None
-        newest_at_k = None
-        for j in range(start_layer, L):
-            block = self.layers[j]
-            if freezing and j == k - 1:
-                frozen = x  # H[k-1]: what previous tokens keep from layer k on
-            if j == k:
-                newest_at_k = x[:, -1:]
-                if skipping_efficiently:
-                    x = x[:, -1:]  # the previous tokens' states above k would never be read
-            edit = edits(j, frozen)
-            x = block.manipulate(x, edit)  # H[j]
-            if output_hidden_states:
-                states.append(x)
-            x = block(x, rope, mask, cache, j, slot, edit)
-        states.append(x)  # H[L]
-        if cache is not None and manipulation is not None and manipulation.kind == "random" and k < L:
-            # From the next step on, the newest token is a previous token: its state entering layer k
-            # becomes noise and everything above is computed from that. Redo its cached keys/values
-            # in layers >= k that way now, so that cached generation equals the faithful rerun.
-            newest = norm_matched(edits(k, None).random[:, -1:], newest_at_k)
-            rope_newest = tuple(table[:, -1:] for table in rope)
-            for j in range(k, L):
-                newest = self.layers[j](newest, rope_newest, mask[:, :, -1:], cache, j, slot + T - 1)
+        edits = self.layer_edits(manipulation, attention_mask, positions, efficient)
         if cache is not None:
-            cache.length += T
-            cache.next_position += attention_mask.sum(dim=1)
-
-        if last_logits_only or efficient:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
-        if output_hidden_states:
-            return logits, torch.stack(states)
-        return logits
+            cache.append(attention_mask)
+        caches = [None if cache is None else cache.layer(j) for j in range(L)]
+        k = L if manipulation is None else manipulation.layer
+        first, x, frozen, hidden = self.start_from(input_ids, k, prompt_states, output_hidden_states)
+        for j in range(first, L):
+            if j == k - 1:
+                frozen = x  # H[k-1]: under freeze, what previous tokens keep from layer k on
+            if j == k:
+                newest_at_k = x[:, -1:]  # where the cached random re-pass starts (see `recache_newest_as_noise`)
+            x = self.layers[j].manipulate(x, edits[j], frozen)  # H[j]
+            if output_hidden_states:
+                hidden.append(x)
+            x = self.layers[j](x, rope, mask, caches[j], edits[j], frozen)
+        hidden.append(x)  # H[L]
+        if cache is not None and k < L and edits[k].random is not None:
+            self.recache_newest_as_noise(newest_at_k, edits[k], rope, mask, caches, k)
+        logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only or efficient else x))
+        return (logits, torch.stack(hidden)) if output_hidden_states else logits
 
     def residual_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """H [L+1, B, T, D] of unmanipulated prompts: e.g. the donor states for a swap."""
         return self(input_ids, attention_mask, output_hidden_states=True)[1]
 
-    # ------------------------------------------------------------------ bookkeeping
+    # ------------------------------------------------------------------ the named steps of `forward`
 
-    def _positions_and_mask(self, attention_mask: torch.Tensor, cache: KVCache | None):
-        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, T_keys]."""
+    def start_from(self, input_ids, k: int, prompt_states: torch.Tensor | None, output_hidden_states: bool):
+        """Where the layer loop starts: (first layer, its input, freeze's H[k-1] if known, H below it).
+
+        Without prompt_states: layer 0, from the token embeddings.
+        Prefix reuse, with prompt_states (the unmanipulated H [L+1, B, T, D] of these same tokens): layer k,
+        from H[k]. Invariant: a manipulation at layer k changes nothing below k, so H[0..k] (and freeze's
+        H[k-1]) are those of the plain model. With a cache, the layers below k must already hold these
+        tokens' unmanipulated keys/values (see `KVCache.rewind`).
+        """
+        if prompt_states is None:
+            return 0, self.embed_tokens(input_ids), None, []
+        frozen = prompt_states[k - 1] if k > 0 else None
+        return k, prompt_states[k], frozen, list(prompt_states[:k]) if output_hidden_states else []
+
+    def recache_newest_as_noise(self, newest_at_k, edit: LayerEdit, rope, mask, caches, k: int) -> None:
+        """The cached random re-pass: from the next step on, the newest token is a previous token, whose state
+        entering layer k is noise, with everything above computed from that. Redo its cached keys/values in
+        layers k..L-1 that way now. Invariant: cached generation equals the faithful rerun, because the noise
+        depends on (seed, position) only, so the rerun would draw the same vector for this token."""
+        newest = norm_matched(edit.random[:, -1:], newest_at_k)
+        rope_newest = tuple(table[:, -1:] for table in rope)
+        for j in range(k, self.config.num_layers):
+            newest = self.layers[j](newest, rope_newest, mask[:, :, -1:], caches[j])
+
+    def positions_and_mask(self, attention_mask: torch.Tensor, cache: KVCache | None):
+        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, T_keys] for the pass's tokens, which
+        take the cache's next slots. Pure: the cache is read, never written."""
         B, T = attention_mask.shape
         device = attention_mask.device
         # Left padding shifts positions: each sequence's first real token gets position 0.
@@ -380,11 +405,8 @@ class Transformer(nn.Module):
         key_valid = attention_mask
         if cache is not None:
             start = cache.length
-            if start + T > cache.max_length:
-                raise ValueError(f"KV cache holds {cache.max_length} tokens; this pass needs {start + T}")
             positions = positions + cache.next_position[:, None]
-            cache.key_valid[:, start:start + T] = attention_mask
-            key_valid = cache.key_valid[:, :start + T]
+            key_valid = torch.cat([cache.key_valid[:, :start], attention_mask], dim=1)
         query_slot = torch.arange(start, start + T, device=device)[:, None]
         key_slot = torch.arange(start + T, device=device)[None, :]
         allowed = key_slot <= query_slot  # causal
@@ -395,33 +417,45 @@ class Transformer(nn.Module):
         allowed = allowed | (key_slot == query_slot)[None]
         return positions, allowed[:, None]
 
-    def _edits(self, manipulation: Manipulation | None, attention_mask, positions, efficient: bool):
-        """A function layer -> LayerEdit for this pass (NO_EDIT everywhere without a manipulation)."""
+    def layer_edits(self, manipulation: Manipulation | None, attention_mask, positions,
+                    efficient: bool = False) -> list[LayerEdit]:
+        """One LayerEdit per layer for this pass (NO_EDIT where the layer's input is left alone).
+
+        efficient: compute previous tokens only as far as anyone reads them. Invariant: the same
+        last-position logits, which are all an efficient pass returns. freeze: from layer k-1 up,
+        previous tokens get keys/values only (no attention, no MLP). skip_attention: from layer k up,
+        no token reads another, so only the last one goes on (and a cache needs layers below k only:
+        `Manipulation.cache_layers`). Other kinds: no change.
+        """
         L = self.config.num_layers
         if manipulation is None:
-            return lambda j, frozen: NO_EDIT
-        lengths = (positions[:, -1] + 1).tolist()
-        manipulation.check(L, self.config.hidden_size, lengths)
+            return [NO_EDIT] * L
+        manipulation.check(L, self.config.hidden_size, (positions[:, -1] + 1).tolist())
         if manipulation.layer == L:  # k = L: no layer's view is altered
-            return lambda j, frozen: NO_EDIT
-        k = manipulation.layer
+            return [NO_EDIT] * L
         # Previous tokens: real positions except each sequence's last (the last column, as we pad on the left).
         previous = attention_mask.clone()
         previous[:, -1] = False
-        previous = previous[..., None]
+        build = self.edit_builders()[manipulation.kind]
+        return build(manipulation, previous[..., None], attention_mask, positions, efficient)
 
-        if manipulation.kind == "skip_attention":
-            skip = LayerEdit(skip_attention=True)
-            return lambda j, frozen: skip if j >= k else NO_EDIT
-        if manipulation.kind == "freeze":
-            first = k - 1 if efficient else k  # layer k-1's outputs for previous tokens are overwritten too
-            return lambda j, frozen: (LayerEdit(previous=previous, frozen=frozen, last_token_only=efficient)
-                                      if j >= first else NO_EDIT)
-        if manipulation.kind == "random":
-            noise = random_directions(manipulation.seed, positions, self.config.hidden_size).to(positions.device)
-            edit = LayerEdit(previous=previous, random=noise)
-            return lambda j, frozen: edit if j == k else NO_EDIT
-        # swap: place each donor vector at its position in every sequence
+    def edit_builders(self) -> dict:
+        """Kind -> the method that builds its LayerEdits, each called as
+        build(manipulation, previous [B, T, 1], attention_mask, positions, efficient) -> list[LayerEdit]."""
+        return {"random": self._random_edits, "freeze": self._freeze_edits, "swap": self._swap_edits,
+                "skip_attention": self._skip_attention_edits}
+
+    def _random_edits(self, manipulation, previous, attention_mask, positions, efficient):
+        noise = random_directions(manipulation.seed, positions, self.config.hidden_size).to(positions.device)
+        return self._at_layer(manipulation.layer, LayerEdit(previous=previous, random=noise))
+
+    def _freeze_edits(self, manipulation, previous, attention_mask, positions, efficient):
+        first = manipulation.layer - 1 if efficient else manipulation.layer  # layer k-1's outputs are overwritten too
+        edit = LayerEdit(previous=previous, freeze=True, last_token_only=efficient)
+        return [edit if j >= first else NO_EDIT for j in range(self.config.num_layers)]
+
+    def _swap_edits(self, manipulation, previous, attention_mask, positions, efficient):
+        """Each donor vector placed at its position in every sequence."""
         B, T = attention_mask.shape
         wanted = torch.tensor(manipulation.positions, device=positions.device)
         hits = (positions[..., None] == wanted) & attention_mask[..., None]  # [B, T, P]
@@ -431,8 +465,27 @@ class Transformer(nn.Module):
         swap_at = hits.any(dim=-1, keepdim=True)
         which = hits.to(torch.uint8).argmax(dim=-1)  # [B, T]: index of the donor vector for each position
         swap_vectors = torch.gather(vectors, 1, which[..., None].expand(-1, -1, vectors.shape[-1]))
-        edit = LayerEdit(swap_at=swap_at, swap_vectors=swap_vectors)
-        return lambda j, frozen: edit if j == k else NO_EDIT
+        return self._at_layer(manipulation.layer, LayerEdit(swap_at=swap_at, swap_vectors=swap_vectors))
+
+    def _skip_attention_edits(self, manipulation, previous, attention_mask, positions, efficient):
+        k, skip = manipulation.layer, LayerEdit(skip_attention=True)
+        return [NO_EDIT] * k + [replace(skip, drop_previous=efficient)] + [skip] * (self.config.num_layers - k - 1)
+
+    def _at_layer(self, k: int, edit: LayerEdit) -> list[LayerEdit]:
+        return [edit if j == k else NO_EDIT for j in range(self.config.num_layers)]
+
+
+def checked_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           efficient_with_hidden_states: bool = False) -> torch.Tensor:
+    """The attention mask as bool (all ones when None), after the checks every pass needs."""
+    if efficient_with_hidden_states:
+        raise ValueError("efficient computes the last position only; it cannot return hidden states")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(torch.bool)
+    if not attention_mask[:, -1].all():
+        raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
+    return attention_mask
 
 
 def hf_hidden_states(model: Transformer, states: torch.Tensor) -> torch.Tensor:

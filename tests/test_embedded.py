@@ -14,7 +14,7 @@ from safetensors import safe_open
 from minillm import embedded
 from minillm.assets import AssetError
 
-# Facts about SmolLM2-135M-Instruct from DESIGN.md section 5 / its published config.
+# Facts about SmolLM2-135M-Instruct from its published config.
 SMOLLM2_FACTS = {
     "architectures": ["LlamaForCausalLM"],
     "num_hidden_layers": 30,

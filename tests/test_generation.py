@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from minillm.config import ModelConfig
-from minillm.generate import Sampling, generate_tokens, prefill
+from minillm.generate import PromptStates, Sampling, generate_tokens
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
 
@@ -63,20 +63,20 @@ def test_cached_generation_equals_faithful_reruns(model, manipulation):
 
 @pytest.mark.parametrize("mode", ["cached", "faithful"])
 def test_prefix_reuse_gives_bitwise_the_same_generation(model, mode):
-    reused = prefill(model, PROMPTS, NEW, mode=mode)
+    reused = PromptStates.compute(model, PROMPTS, NEW, mode=mode)
     for manipulation in [None, *manipulations()]:
         plain = run(model, manipulation, mode=mode)
-        fast = run(model, manipulation, mode=mode, reuse=reused)
+        fast = run(model, manipulation, mode=mode, prompt_states=reused)
         assert fast.tokens == plain.tokens
         assert torch.equal(fast.logits, plain.logits), manipulation
 
 
-def test_prefix_reuse_refuses_a_prefill_of_another_shape(model):
-    reused = prefill(model, PROMPTS, NEW, mode="cached")
+def test_prefix_reuse_refuses_prompt_states_of_another_shape(model):
+    reused = PromptStates.compute(model, PROMPTS, NEW, mode="cached")
     with pytest.raises(ValueError, match="another batch or another mode"):
-        generate_tokens(model, PROMPTS, NEW, mode="faithful", reuse=reused)
+        generate_tokens(model, PROMPTS, NEW, mode="faithful", prompt_states=reused)
     with pytest.raises(ValueError, match="too few"):
-        generate_tokens(model, PROMPTS, NEW + 5, mode="cached", reuse=reused)
+        generate_tokens(model, PROMPTS, NEW + 5, mode="cached", prompt_states=reused)
 
 
 @pytest.mark.parametrize("mode", ["cached", "faithful"])
@@ -86,8 +86,8 @@ def test_prefix_reuse_refuses_a_prefill_of_another_shape(model):
 def test_efficiency_mode_gives_the_manipulated_models_logits(model, mode, kind, k, reuse):
     manipulation = Manipulation(kind, k)
     plain = run(model, manipulation, mode=mode)
-    reused = prefill(model, PROMPTS, NEW, mode=mode) if reuse else None
-    efficient = run(model, manipulation, mode=mode, efficient=True, reuse=reused)
+    reused = PromptStates.compute(model, PROMPTS, NEW, mode=mode) if reuse else None
+    efficient = run(model, manipulation, mode=mode, efficient=True, prompt_states=reused)
     assert efficient.tokens == plain.tokens
     torch.testing.assert_close(efficient.logits, plain.logits, rtol=0, atol=1e-5)
 

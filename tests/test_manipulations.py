@@ -1,10 +1,10 @@
-"""The four manipulations (DESIGN §4), checked on their own terms and against an independent reference.
+"""The four manipulations (docs/manipulations.md), checked on their own terms and against an independent reference.
 
 Notation: L layers, H[j] the residual stream entering decoder layer j (H[0] the
 embeddings), "previous tokens" every real position of a sequence except its last,
 k the first layer whose view of previous tokens is altered (k = L: no manipulation).
 
-The reference (`reference_manipulation`) is DESIGN §4 written a second time, as
+The reference (`reference_manipulation`) is docs/manipulations.md's table written a second time, as
 forward hooks on `transformers`' Llama/Mistral: pre-hooks that rewrite what enters
 a decoder layer, and for skip_attention a hook that makes the attention block add
 zero, so the residual passes through and the MLP still runs. It shares no code with
@@ -475,7 +475,7 @@ def test_manipulations_match_the_hook_reference_on_tiny_models(name, attention):
         assert (ours[:, -1] - baseline[:, -1]).abs().max() > 1e-3, f"{kind} k={k} changed nothing: a toothless case"
         # the other routes through the same manipulation: starting at layer k from the unmanipulated states
         # below it (prefix reuse), and the efficiency mode (last position only)
-        reused = model(ids, manipulation=manipulation, start_layer=k, states_below=states)
+        reused = model(ids, manipulation=manipulation, prompt_states=states)
         torch.testing.assert_close(reused, reference, atol=TINY_ATOL, rtol=0, msg=lambda m: f"{kind} k={k} reuse: {m}")
         # The efficiency mode multiplies matrices of other shapes, so fp32 rounds differently: on an AMD EPYC
         # (AVX2) freeze k=1 differs by 1.2e-5 on a logit of 1.8 (6e-6 relative); hence rtol as well.
@@ -507,7 +507,7 @@ def test_cached_generation_equals_faithful_tiny(name, dtype):
 
 
 def test_generated_tokens_are_manipulated_once_they_are_previous_tokens():
-    """Each step of a generation equals the hook reference run on everything so far (DESIGN §4's faithful
+    """Each step of a generation equals the hook reference run on everything so far (the faithful
     procedure), in both modes: a generated token is manipulated as soon as it is no longer the last one.
     For random this also shows that a token's noise is the same at every step (a function of seed and
     position), which is what lets the cache keep it.

@@ -1,0 +1,57 @@
+"""`minillm generate` on the embedded SmolLM2-135M, swap included (a donor prompt and two positions)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import minillm
+from minillm.cli import main
+from minillm.manipulation import Manipulation
+
+PROMPT = "Q: What is the capital of Spain?\nA: Madrid\nQ: What is the capital of France?\nA:"
+DONOR = "The country Italy"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return minillm.load(str(smollm2_dir))
+
+
+def generate_from_cli(capsys, *arguments) -> str:
+    assert main(["generate", *arguments]) == 0
+    return capsys.readouterr().out
+
+
+def test_swap_from_the_command_line_is_the_python_swap(smollm2_dir, smollm2, capsys):
+    model, tokenizer = smollm2
+    france = tokenizer.encode(PROMPT).index(tokenizer.encode(" France")[0])
+    common = ["--model", str(smollm2_dir), "--max-new-tokens", "2", "--manipulation", "swap",
+              "--donor-prompt", DONOR, "--position", str(france), PROMPT]
+    # Low, the donor's " Italy" is followed; in the top layers it is ignored (docs/manipulations.md).
+    assert generate_from_cli(capsys, "--layer", "0", *common).startswith(" Rome")
+    assert generate_from_cli(capsys, "--layer", "29", *common).startswith(" Paris")
+    # the same as the Python API with the donor's H[k] at its last token, the default --donor-position
+    with torch.no_grad():
+        donor = model.residual_stream(torch.tensor([tokenizer.encode(DONOR)]))
+    swap = Manipulation("swap", 5, positions=(france,), vectors=donor[5][0, -1:])
+    expected = minillm.generate(model, tokenizer, PROMPT, 2, manipulation=swap)
+    assert generate_from_cli(capsys, "--layer", "5", "--donor-position", "-1", *common) == expected + "\n"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--manipulation", "swap", "--layer", "3"], "needs --donor-prompt TEXT and --position J"),
+    (["--manipulation", "freeze", "--layer", "3", "--position", "2"], "only apply with --manipulation swap"),
+    (["--manipulation", "swap", "--layer", "3", "--donor-prompt", "Rome", "--donor-position", "9", "--position", "2"],
+     "--donor-position 9 is outside"),
+    (["--manipulation", "swap", "--layer", "31", "--donor-prompt", "Rome", "--position", "2"], "--layer 31 is outside"),
+    (["--manipulation", "swap", "--layer", "3", "--donor-prompt", "Rome", "--position", "99"],
+     r"swap positions \[99\] are outside"),
+])
+def test_bad_swap_arguments_exit_with_one_line(smollm2_dir, capsys, arguments, message):
+    assert main(["generate", "--model", str(smollm2_dir), "--max-new-tokens", "1", *arguments, PROMPT]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("minillm: error:")
+    assert re.search(message, error), error
