@@ -32,7 +32,7 @@ def logit_lens(model: Transformer, states: torch.Tensor, position: int = -1) -> 
     """Next-token probabilities [L+1, B, V] (fp32) at `position`, read from each H[j] as if it were the last layer's
     output: softmax(lm_head(norm(H[j]))). The entry for H[L] is the model's own prediction.
     """
-    _absolute(position, states.shape[2])
+    position = _checked_position(position, states.shape[2])
     return model.lm_head(model.norm(states[:, :, position])).float().softmax(dim=-1)
 
 
@@ -67,7 +67,7 @@ def layer_attention(model: Transformer, states: torch.Tensor, layer: int, positi
     block = model.layers[layer]
     x = block.input_layernorm(states[layer])  # [B, T, D]
     B, T, _ = x.shape
-    query_position = _absolute(position, T)
+    query_position = _checked_position(position, T)
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
     if attention_mask.shape != (B, T):
@@ -123,6 +123,7 @@ def layer_norms(model: Transformer, states: torch.Tensor, position: int = -1,
 
     H[j+1] = H[j] + attention + MLP at every plain layer; both outputs are recomputed from H[j].
     """
+    position = _checked_position(position, states.shape[2])
     residual, attention, mlp = [], [], []
     for j, block in enumerate(model.layers):
         here = states[j][:, position]  # [B, D]
@@ -134,7 +135,7 @@ def layer_norms(model: Transformer, states: torch.Tensor, position: int = -1,
     return LayerNorms(torch.stack(residual), torch.stack(attention), torch.stack(mlp))
 
 
-def _absolute(position: int, length: int) -> int:
+def _checked_position(position: int, length: int) -> int:
     """position counted from 0 (a negative one from the end), checked against the sequence length."""
     if not -length <= position < length:
         raise ValueError(f"position {position} is outside a sequence of {length} tokens")

@@ -272,5 +272,7 @@ def test_bad_positions_and_layers_are_refused():
         attention_probabilities(ours, states, -7)
     with pytest.raises(ValueError, match="layer 3 is outside 0..2"):
         layer_attention(ours, states, 3)
+    with pytest.raises(ValueError, match="position 9"):
+        layer_norms(ours, states, 9)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         layer_norms(ours, states, -1, torch.ones(2, 5))
