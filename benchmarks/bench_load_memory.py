@@ -200,6 +200,7 @@ def child_main(folder: str, dtype_name: str) -> None:
     import resource
 
     import torch
+
     from minillm.checkpoint import load_model
 
     baseline_kb = proc_status_kb("VmRSS")  # Python, torch and minillm imported, nothing loaded yet

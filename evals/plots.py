@@ -16,8 +16,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evals.aggregate import RECOVERY, TaskSummary  # noqa: E402
 from evals.swap import SwapRates  # noqa: E402
-from evals.sweep import TaskSummary  # noqa: E402
 
 KIND_STYLE = {  # one colour and marker per manipulation, the same in every panel
     "random": dict(color="tab:red", marker="o"),
@@ -40,7 +40,8 @@ def plot_curves(summaries: dict[str, TaskSummary], path: Path) -> list[Path]:
             axis.plot([p.k / L for p in points], [p.score for p in points], label=kind, markersize=4,
                       **KIND_STYLE.get(kind, {}))
         axis.axhline(summary.baseline.score, color="black", linestyle="--", linewidth=1, label="baseline")
-        axis.axhline(0.9 * summary.baseline.score, color="grey", linestyle=":", linewidth=1, label="90% of baseline")
+        axis.axhline(RECOVERY * summary.baseline.score, color="grey", linestyle=":", linewidth=1,
+                     label=f"{RECOVERY:.0%} of baseline")
         axis.axhline(summary.chance, color="tab:purple", linestyle="-.", linewidth=1, label="chance")
         axis.set_title(f"{summary.task} ({summary.baseline.count} examples)")
         axis.set_xlabel(f"k / L  (bottom),  k  (top): manipulated from layer k up; L = {L}")

@@ -27,11 +27,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.aggregate import BASELINE, RECOVERY, Point, TaskSummary, aggregate
 from evals.plots import plot_curves, plot_swap
+from evals.results import load_results
 from evals.swap import SWAP_FILE, SwapRates, swap_rates
-from evals.sweep import BASELINE, Point, TaskSummary, aggregate, load_results
 
-RECOVERY = 0.9  # a curve has recovered when it is at or above this share of the baseline
 PAPER_RECOVERY = (0.5, 0.7)  # k/L by which the paper's curves recover (top 30-50% of layers manipulable)
 PAPER_SWAP_IGNORED = 2 / 3  # the paper: swaps in the top third of layers are ignored
 MIN_MARGIN = 0.05  # a baseline closer than this to chance says nothing about what a manipulation costs

@@ -47,9 +47,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evals.aggregate import BASELINE
 from evals.metrics import accuracy, normalize_answer
-from evals.sweep import (BASELINE, Batch, Condition, LayerGrid, ResultLog, SweepError, batch_prefill, dtype_name,
-                         generate_answers, length_sorted_batches, make_record, missing, read_records)
+from evals.results import ResultLog, SweepError, dtype_name, make_record, read_records
+from evals.sweep import (
+    Batch,
+    Condition,
+    LayerGrid,
+    batch_prefill,
+    evenly_spaced,
+    generate_answers,
+    length_sorted_batches,
+    missing,
+)
 from evals.tasks import Example, Task, capitals
 from minillm.generate import left_pad
 from minillm.manipulation import Manipulation
@@ -62,10 +72,10 @@ DONOR_TEMPLATE = "The country {country}"
 
 
 def swap_task(limit: int | None = None) -> Task:
-    """The capitals task (its first `limit` countries), scored leniently: does the answer name the capital?"""
-    task = capitals()
-    return dataclasses.replace(task, name=TASK_NAME, metric="accuracy", primary="accuracy",
-                               examples=task.examples[:limit])
+    """The capitals task (`limit` countries spread evenly over it), scored leniently: does the answer name the
+    capital?"""
+    task = dataclasses.replace(capitals(), name=TASK_NAME, metric="accuracy", primary="accuracy")
+    return evenly_spaced(task, limit)
 
 
 def single_token_names(tokenizer: Tokenizer, task: Task) -> tuple[int, set[str]]:
@@ -132,7 +142,7 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
              progress: bool = True) -> Path:
     """Run (or continue) the swap experiment into out_dir/swap.jsonl; returns that path.
 
-    limit: consider only the first `limit` countries of the capitals data.
+    limit: consider `limit` countries of the capitals data, spread evenly over it.
     """
     L = model.config.num_layers
     ks = [k for k in grid.values(L) if k < L]

@@ -12,15 +12,8 @@ For every task the sweep generates an answer to each example
 makes sense for a designed pair of prompts. The swap experiment (`evals.swap`)
 supplies them for the capitals task.
 
-Run directory
--------------
-    results.jsonl                   records of an unsharded run
-    results.shard-I-of-N.jsonl      records of shard I of N
-
-Each line is one record (see `make_record`): task, example id, kind, k, seed,
-prompt token ids, generation, prediction, scores, the manipulation's `to_dict()`
-and the model. Records carry no timestamps, so the same command gives the same
-bytes; a record's key is (task, example, kind, k, seed).
+The result files and their record format are in `evals.results`; turning records
+into curves is `evals.aggregate`.
 
 How the work is cut up, and why it makes resuming and sharding exact
 --------------------------------------------------------------------
@@ -48,30 +41,23 @@ batch starts from the stored states at its own layer k.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from evals.aggregate import BASELINE
+from evals.results import RESULTS_GLOB, ResultLog, SweepError, dtype_name, make_record
 from evals.tasks import Example, Task
 from minillm.generate import Prefill, generate_tokens, prefill
 from minillm.manipulation import KINDS, Manipulation
 from minillm.model import Transformer
 from minillm.tokenizer import Tokenizer
 
-BASELINE = "baseline"
 SWEEP_KINDS = tuple(kind for kind in KINDS if kind != "swap")
-RESULTS_GLOB = "results*.jsonl"
-
-
-class SweepError(ValueError):
-    """Arguments a sweep cannot run with, or a run directory it cannot continue."""
-
 
 # ----------------------------------------------------------------------------- what to run
 
@@ -130,7 +116,7 @@ class Condition:
     seed: int | None = None
 
     def key(self, task: str, example: str) -> tuple:
-        """The key of the record for one example under this condition (see `record_key`)."""
+        """The key of the record for one example under this condition (see `evals.results.record_key`)."""
         return task, example, self.kind, self.k, self.seed
 
     def manipulation(self) -> Manipulation | None:
@@ -219,81 +205,6 @@ class Shard:
         return unit_index % self.count == self.index - 1
 
 
-# ----------------------------------------------------------------------------- result files
-
-def record_key(record: dict) -> tuple:
-    """What identifies a record: (task, example id, kind, k, seed)."""
-    return record["task"], record["example"], record["kind"], record["k"], record["seed"]
-
-
-def complete_lines(path: Path) -> tuple[list[dict], int]:
-    """The records of a JSON-lines file and the byte length of its complete lines.
-
-    A last line without its newline is a write that was cut short (or, in another shard's file,
-    one still being written): it is not a record.
-    """
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    records = []
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise SweepError(f"{path}:{number}: not a JSON record ({error.msg}); "
-                             "fix or remove the line to continue") from None
-    return records, end
-
-
-def read_records(paths: Iterable[Path]) -> dict[tuple, dict]:
-    """All records of these files by key; a key found twice keeps its first record."""
-    records: dict[tuple, dict] = {}
-    for path in sorted(paths):
-        for record in complete_lines(path)[0]:
-            records.setdefault(record_key(record), record)
-    return records
-
-
-class ResultLog:
-    """One process's result file, appended to, and the records the whole directory already holds.
-
-    The file is created at the first record, so a run refused before any work leaves no file behind.
-    """
-
-    def __init__(self, path: Path, siblings_glob: str):
-        if path.exists():
-            _, end = complete_lines(path)
-            with open(path, "r+b") as existing:  # drop a partial last line left by a kill mid-write
-                existing.truncate(end)
-        self.done = read_records(path.parent.glob(siblings_glob))
-        self.path = path
-        self._file = None
-
-    def check_same_run(self, **expected) -> None:
-        """Refuse to mix records of another model (or dtype, depth) into this directory."""
-        for record in self.done.values():
-            for field, value in expected.items():
-                if record[field] != value:
-                    raise SweepError(f"{self.path.parent} holds results for {field} {record[field]!r}, this run "
-                                     f"has {value!r}: use another output directory")
-
-    def write(self, record: dict) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.done[record_key(record)] = record
-
-    def flush(self) -> None:
-        """Push what was written to disk: what a kill leaves is then at most one partial line."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
 # ----------------------------------------------------------------------------- generating and scoring
 
 def reached_stop(text: str, stop: Sequence[str]) -> bool:
@@ -319,34 +230,6 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, man
 
 def batch_prefill(model: Transformer, tokenizer: Tokenizer, batch: Batch) -> Prefill:
     return prefill(model, batch.prompts, batch.task.max_new_tokens, pad_id=tokenizer.pad_id)
-
-
-def dtype_name(model: Transformer) -> str:
-    return str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-
-
-def make_record(batch: Batch, index: int, condition: Condition, manipulation: Manipulation | None,
-                generation: str, model: Transformer, model_name: str) -> dict:
-    """The JSON record of one answer: what was asked, what came back, how it scored, under what."""
-    task, example = batch.task, batch.examples[index]
-    return {
-        "task": task.name,
-        "example": example.id,
-        "kind": condition.kind,
-        "k": condition.k,
-        "seed": condition.seed,
-        "num_layers": model.config.num_layers,
-        "model": model_name,
-        "dtype": dtype_name(model),
-        "metric": task.primary,
-        "chance": task.chance,
-        "prompt_ids": list(batch.prompts[index]),
-        "generation": generation,
-        "prediction": task.postprocess(generation),
-        "golds": list(example.golds),
-        "scores": task.score(generation, example),
-        "manipulation": None if manipulation is None else manipulation.to_dict(),
-    }
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -405,62 +288,3 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
     finally:
         log.close()
     return log.path
-
-
-# ----------------------------------------------------------------------------- aggregation
-
-@dataclass(frozen=True)
-class Point:
-    k: int
-    score: float  # mean primary score over examples (and seeds)
-    count: int  # records averaged
-
-
-@dataclass(frozen=True)
-class TaskSummary:
-    """One task's curves: mean primary score per kind and k, with the baseline and the chance level."""
-
-    task: str
-    metric: str
-    chance: float
-    num_layers: int
-    baseline: Point
-    curves: dict[str, list[Point]]  # kind -> points by k, ending with the baseline at k = L
-
-    def to_dict(self) -> dict:
-        as_dict = lambda point: {"k": point.k, "score": point.score, "count": point.count}  # noqa: E731
-        return {"task": self.task, "metric": self.metric, "chance": self.chance, "num_layers": self.num_layers,
-                "baseline": as_dict(self.baseline),
-                "curves": {kind: [as_dict(point) for point in points] for kind, points in self.curves.items()}}
-
-
-def aggregate(records: Iterable[dict]) -> dict[str, TaskSummary]:
-    """Per task, the mean primary score for each (kind, k); tasks without a baseline are left out."""
-    scores: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    about: dict[str, dict] = {}
-    for record in records:
-        scores[record["task"], record["kind"], record["k"]].append(record["scores"][record["metric"]])
-        about.setdefault(record["task"], record)
-    means = {key: Point(key[2], sum(values) / len(values), len(values)) for key, values in scores.items()}
-
-    summaries = {}
-    for task, record in about.items():
-        L = record["num_layers"]
-        baseline = means.get((task, BASELINE, L))
-        if baseline is None:
-            continue
-        curves = defaultdict(list)
-        for (curve_task, kind, _), point in sorted(means.items(), key=lambda item: (item[0][1], item[0][2])):
-            if curve_task == task and kind != BASELINE:
-                curves[kind].append(point)
-        summaries[task] = TaskSummary(task, record["metric"], record["chance"], L, baseline,
-                                      {kind: points + [baseline] for kind, points in curves.items()})
-    return summaries
-
-
-def load_results(out_dir: str | os.PathLike) -> dict[tuple, dict]:
-    """Every sweep record of a run directory (all shards), by key."""
-    paths = list(Path(out_dir).glob(RESULTS_GLOB))
-    if not paths:
-        raise SweepError(f"{out_dir}: no sweep results (no {RESULTS_GLOB} files)")
-    return read_records(paths)

@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from evals.aggregate import Point, TaskSummary, aggregate
+from evals.cli import main
 from evals.report import crossover_layer, recovery_layer, verdict
+from evals.results import SweepError, load_results
 from evals.swap import SwapRates
-from evals.sweep import (LayerGrid, Point, Shard, SweepError, TaskSummary, aggregate, evenly_spaced, load_results,
-                         run_sweep)
+from evals.sweep import LayerGrid, Shard, evenly_spaced, run_sweep
 from evals.tasks import TASKS, get_task
 from minillm.checkpoint import load_model
-from minillm.cli import main
 from minillm.config import ModelConfig
 from minillm.model import Transformer
 from minillm.tokenizer import load_tokenizer
@@ -70,11 +71,11 @@ def tiny(tiny_dir):
     return load_model(tiny_dir), load_tokenizer(tiny_dir)
 
 
-def small_sweep(tiny, out_dir, shard=Shard(), **options):
+def small_sweep(tiny, out_dir, shard=None, **options):
     model, tokenizer = tiny
     tasks = [get_task("capitals", limit=5), get_task("fanoutqa", limit=3)]
     return run_sweep(model, tokenizer, tasks, ["random", "freeze", "skip_attention"], LayerGrid.parse("0::2"),
-                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard, progress=False, **options)
+                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard or Shard(), progress=False, **options)
 
 
 def lines(path: Path) -> list[str]:
@@ -108,7 +109,7 @@ def test_a_rerun_after_a_kill_mid_run_finishes_with_the_same_file(tiny, tmp_path
     reference = small_sweep(tiny, tmp_path / "reference")
 
     # Kill the run after 23 records, in the middle of a work unit...
-    from evals.sweep import ResultLog
+    from evals.results import ResultLog
 
     write = ResultLog.write
     written = []
