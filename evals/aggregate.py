@@ -1,10 +1,19 @@
-"""Aggregation: records in, one curve per task and manipulation out (mean primary score per k)."""
+"""Aggregation: records in, one curve per task and manipulation out, every point with its 95% interval.
+
+A point is one (task, kind, k). Its examples are the unit of sampling: with several seeds (random),
+an example's score is first averaged over its seeds, then the point's mean, interval and paired
+comparison are taken over examples (seeds of one example are not independent evidence about the
+task). See `evals.stats` for the intervals.
+"""
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+
+from evals.stats import interval, is_binary, paired_difference, wilson
 
 BASELINE = "baseline"  # the kind of the unmanipulated records, at k = L
 RECOVERY = 0.9  # a curve has recovered when it is at or above this share of the baseline (see evals.report)
@@ -13,8 +22,19 @@ RECOVERY = 0.9  # a curve has recovered when it is at or above this share of the
 @dataclass(frozen=True)
 class Point:
     k: int
-    score: float  # mean primary score over examples (and seeds)
-    count: int  # records averaged
+    score: float  # mean primary score over examples (each example's score averaged over its seeds)
+    count: int  # records averaged (examples x seeds)
+    n: int = 0  # examples
+    lo: float | None = None  # 95% interval of the score
+    hi: float | None = None
+    seed_spread: float | None = None  # standard deviation of the per-seed means (None for one seed)
+    difference: float | None = None  # score - baseline over the examples both have, with its paired 95% interval
+    difference_lo: float | None = None
+    difference_hi: float | None = None
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.lo is None else (self.hi - self.lo) / 2
 
 
 @dataclass(frozen=True)
@@ -29,31 +49,63 @@ class TaskSummary:
     curves: dict[str, list[Point]]  # kind -> points by k, ending with the baseline at k = L
 
     def to_dict(self) -> dict:
-        as_dict = lambda point: {"k": point.k, "score": point.score, "count": point.count}  # noqa: E731
         return {"task": self.task, "metric": self.metric, "chance": self.chance, "num_layers": self.num_layers,
-                "baseline": as_dict(self.baseline),
-                "curves": {kind: [as_dict(point) for point in points] for kind, points in self.curves.items()}}
+                "baseline": asdict(self.baseline),
+                "curves": {kind: [asdict(point) for point in points] for kind, points in self.curves.items()}}
+
+
+def per_example(records: list[dict]) -> tuple[dict[str, float], dict[object, float]]:
+    """Each example's primary score averaged over its seeds, and each seed's mean over examples."""
+    by_example, by_seed = defaultdict(list), defaultdict(list)
+    for record in records:
+        score = record["scores"][record["metric"]]
+        by_example[record["example"]].append(score)
+        by_seed[record["seed"]].append(score)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return ({example: mean(scores) for example, scores in by_example.items()},
+            {seed: mean(scores) for seed, scores in by_seed.items()})
+
+
+def make_point(k: int, records: list[dict], baseline: dict[str, float] | None) -> Point:
+    """The point of these records (one task, kind and k), compared with the baseline's per-example scores."""
+    scores, seed_means = per_example(records)
+    examples = sorted(scores)
+    values = [scores[example] for example in examples]
+    if len(seed_means) == 1 and is_binary(values):
+        lo, hi = wilson(int(sum(values)), len(values))
+    else:
+        lo, hi = interval(values)
+    spread = statistics.stdev(seed_means.values()) if len(seed_means) > 1 else None
+    difference = lo_difference = hi_difference = None
+    shared = [example for example in examples if baseline and example in baseline]
+    if shared:
+        difference, lo_difference, hi_difference = paired_difference([scores[e] for e in shared],
+                                                                      [baseline[e] for e in shared])
+    return Point(k, sum(values) / len(values), len(records), len(values), lo, hi, spread, difference,
+                 lo_difference, hi_difference)
 
 
 def aggregate(records: Iterable[dict]) -> dict[str, TaskSummary]:
-    """Per task, the mean primary score for each (kind, k); tasks without a baseline are left out."""
-    scores: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    """Per task, a point for each (kind, k) (see `make_point`); tasks without a baseline are left out."""
+    groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     about: dict[str, dict] = {}
     for record in records:
-        scores[record["task"], record["kind"], record["k"]].append(record["scores"][record["metric"]])
+        groups[record["task"], record["kind"], record["k"]].append(record)
         about.setdefault(record["task"], record)
-    means = {key: Point(key[2], sum(values) / len(values), len(values)) for key, values in scores.items()}
 
     summaries = {}
     for task, record in about.items():
         L = record["num_layers"]
-        baseline = means.get((task, BASELINE, L))
-        if baseline is None:
+        if (task, BASELINE, L) not in groups:
             continue
+        baseline_scores = per_example(groups[task, BASELINE, L])[0]
+        # the baseline against itself: no difference, and no uncertainty about that
+        baseline = replace(make_point(L, groups[task, BASELINE, L], None), difference=0.0, difference_lo=0.0,
+                           difference_hi=0.0)
         curves = defaultdict(list)
-        for (curve_task, kind, _), point in sorted(means.items(), key=lambda item: (item[0][1], item[0][2])):
+        for (curve_task, kind, k), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][2])):
             if curve_task == task and kind != BASELINE:
-                curves[kind].append(point)
+                curves[kind].append(make_point(k, group, baseline_scores))
         summaries[task] = TaskSummary(task, record["metric"], record["chance"], L, baseline,
                                       {kind: points + [baseline] for kind, points in curves.items()})
     return summaries

@@ -13,6 +13,7 @@ given `register_harness_commands`, so the library itself never imports the harne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import minillm.cli
@@ -24,12 +25,17 @@ REPRODUCE_LIMITS = {"capitals": 40, "context-qa": 16, "fanoutqa": 40, "summariza
 REPRODUCE_KINDS = ("random", "freeze", "skip_attention")
 REPRODUCE_LAYERS = "0::3"  # every 3rd layer from 0, and always k = L (the baseline)
 REPRODUCE_SWAP_LAYERS = "all"  # cheap: 60-token prompts, answers of a few tokens
+# `reproduce --quick`: the whole pipeline on a handful of examples, in under 2 minutes on 2 cores.
+QUICK_LIMITS = {"capitals": 8, "context-qa": 3, "fanoutqa": 8, "summarization": 2}
+QUICK_LAYERS = "0::10"
+QUICK_SWAP_LIMIT = 40
 
 LIMIT_HELP = "N examples of each task, spread evenly over it (every len/N-th, from the first)"
 
 
 def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+    """Items of a comma-separated list, each once, in order ('capitals,capitals' is 'capitals')."""
+    return list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
 
 
 def tasks_from(names: list[str], limits: dict[str, int | None]):
@@ -43,29 +49,43 @@ def tasks_from(names: list[str], limits: dict[str, int | None]):
     return [evenly_spaced(get_task(name), limits[name]) for name in names]
 
 
+def device_of_this_rank(device: str) -> str:
+    """Under torchrun, plain 'cuda' means this process's own GPU (LOCAL_RANK); anything else is kept."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local_rank}" if device == "cuda" and local_rank is not None else device
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from evals.report import results_table
+    from evals.results import claimed_folder
     from evals.sweep import LayerGrid, Shard, check_kinds, run_sweep
 
     task_names, kinds = comma_list(args.task), comma_list(args.manipulation)
     check_kinds(kinds)
     grid, shard = LayerGrid.parse(args.layers), Shard.parse(args.shard)
     tasks = tasks_from(task_names, dict.fromkeys(task_names, args.limit))
-    model, tokenizer = load_from_arguments(args)
-    path = run_sweep(model, tokenizer, tasks, kinds, grid, args.out, model_name=args.model, seeds=args.seeds,
-                     batch_size=args.batch_size, shard=shard)
-    print(f"results: {path}")
+    args.device = device_of_this_rank(args.device)
+    with claimed_folder(args.out, shard.filename):  # refuses a second writer before the model loads
+        model, tokenizer = load_from_arguments(args)
+        result = run_sweep(model, tokenizer, tasks, kinds, grid, args.out, model_name=args.model, seeds=args.seeds,
+                           batch_size=args.batch_size, shard=shard)
+    print(results_table(result.summaries))
+    part = "" if shard.count == 1 else f" (shard {shard.index}/{shard.count} only: `minillm report` merges the shards)"
+    print(f"results: {result.path}{part}")
 
 
 def cmd_swap(args: argparse.Namespace) -> None:
-    from evals.swap import run_swap
+    from evals.results import claimed_folder
+    from evals.swap import SWAP_FILE, run_swap
     from evals.sweep import LayerGrid, SweepError
 
     grid = LayerGrid.parse(args.layers)
     if args.limit is not None and args.limit < 2:
         raise SweepError(f"--limit must be at least 2 countries, got {args.limit}")
-    model, tokenizer = load_from_arguments(args)
-    path = run_swap(model, tokenizer, grid, args.out, model_name=args.model, limit=args.limit,
-                    batch_size=args.batch_size, seed=args.seed)
+    with claimed_folder(args.out, SWAP_FILE):
+        model, tokenizer = load_from_arguments(args)
+        path = run_swap(model, tokenizer, grid, args.out, model_name=args.model, limit=args.limit,
+                        batch_size=args.batch_size, seed=args.seed)
     print(f"results: {path}")
 
 
@@ -80,34 +100,51 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
-    from evals.report import TIMING_FILE, write_report
-    from evals.swap import run_swap
-    from evals.sweep import LayerGrid, run_sweep
+    from evals.aggregate import aggregate
+    from evals.report import TIMING_FILE, headline_intervals, write_report
+    from evals.results import claimed_folder, load_results
+    from evals.swap import SWAP_FILE, run_swap
+    from evals.sweep import LayerGrid, Shard, SweepError, run_sweep
 
-    grid, swap_grid = LayerGrid.parse(args.layers), LayerGrid.parse(REPRODUCE_SWAP_LAYERS)
-    limits = {name: limit if args.limit is None else args.limit for name, limit in REPRODUCE_LIMITS.items()}
-    tasks = tasks_from(list(REPRODUCE_LIMITS), limits)
-    started = time.perf_counter()
-    model, tokenizer = load_from_arguments(args)
-    run_sweep(model, tokenizer, tasks, REPRODUCE_KINDS, grid, args.out, model_name=args.model, seeds=args.seeds,
-              batch_size=args.batch_size)
-    swept = time.perf_counter()
-    run_swap(model, tokenizer, swap_grid, args.out, model_name=args.model, batch_size=args.batch_size)
-    swapped = time.perf_counter()
-    # Run time is kept apart from the results, which must be the same bytes on every run.
-    settings = {name: value for name, value in vars(args).items() if name not in ("run", "command")}
-    timing = {"settings": settings | {"limits": limits}, "sweep_s": round(swept - started, 1),
-              "swap_s": round(swapped - swept, 1), "total_s": round(swapped - started, 1),
-              "cpu_s": round(time.process_time(), 1)}  # all threads' CPU time: wall time on a busy machine misleads
-    Path(args.out, TIMING_FILE).write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
-    print(f"report: {write_report(args.out)}")
-    print(f"took {timing['total_s'] / 60:.1f} min")
+    defaults = QUICK_LIMITS if args.quick else REPRODUCE_LIMITS
+    limits = {name: limit if args.limit is None else args.limit for name, limit in defaults.items()}
+    layers = args.layers or (QUICK_LAYERS if args.quick else REPRODUCE_LAYERS)
+    swap_layers = args.layers or (QUICK_LAYERS if args.quick else REPRODUCE_SWAP_LAYERS)
+    swap_limit = args.limit if args.limit is not None else (QUICK_SWAP_LIMIT if args.quick else None)
+    if swap_limit is not None and swap_limit < 2:
+        raise SweepError(f"--limit must be at least 2 (the swap experiment pairs countries), got {swap_limit}")
+    out = args.out or ("results/reproduce-quick" if args.quick else "results/reproduce")
+    grid, swap_grid = LayerGrid.parse(layers), LayerGrid.parse(swap_layers)
+    tasks = tasks_from(list(limits), limits)
+    with claimed_folder(out, Shard().filename), claimed_folder(out, SWAP_FILE):
+        started = time.perf_counter()
+        model, tokenizer = load_from_arguments(args)
+        run_sweep(model, tokenizer, tasks, REPRODUCE_KINDS, grid, out, model_name=args.model, seeds=args.seeds,
+                  batch_size=args.batch_size)
+        swept = time.perf_counter()
+        run_swap(model, tokenizer, swap_grid, out, model_name=args.model, limit=swap_limit,
+                 batch_size=args.batch_size)
+        swapped = time.perf_counter()
+        # Run time is kept apart from the results, which must be the same bytes on every run.
+        settings = {name: value for name, value in vars(args).items() if name not in ("run", "command")}
+        timing = {"settings": settings | {"out": out, "layers": layers, "swap_layers": swap_layers, "limits": limits,
+                                          "swap_limit": swap_limit},
+                  "sweep_s": round(swept - started, 1), "swap_s": round(swapped - swept, 1),
+                  "total_s": round(swapped - started, 1),
+                  "cpu_s": round(time.process_time(), 1)}  # all threads' CPU time: wall time on a busy machine misleads
+        Path(out, TIMING_FILE).write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
+    print(f"report: {write_report(out)}")
+    print("95% half-widths:")
+    print("\n".join(headline_intervals(aggregate(load_results(out).values()))))
+    print(f"took {timing['total_s'] / 60:.1f} min" + (" (smoke run: --quick)" if args.quick else ""))
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers: str = "all") -> None:
+def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers: str | None = "all") -> None:
+    default = (f"sweep {REPRODUCE_LAYERS}, swap {REPRODUCE_SWAP_LAYERS}; --quick: {QUICK_LAYERS}" if layers is None
+               else "%(default)s")
     parser.add_argument("--layers", default=layers,
                         help="k values: 'all' or START:STOP:STEP, STOP included, empty STOP = L (e.g. 0:30:3, 0::3); "
-                             "the baseline k = L is always run (default: %(default)s)")
+                             f"the baseline k = L is always run (default: {default})")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts generated together")
 
 
@@ -129,7 +166,9 @@ def register_harness_commands(commands) -> None:
     sweep.add_argument("--limit", type=int, help=LIMIT_HELP + " (default: all)")
     sweep.add_argument("--out", required=True, help="run directory (created; resumed if it holds results)")
     sweep.add_argument("--shard", default="1/1",
-                       help="I/N: run the I-th of N deterministic parts into results.shard-I-of-N.jsonl")
+                       help="I/N, I counted from 1 (1/4 ... 4/4): run the I-th of N deterministic parts into "
+                            "results.shard-I-of-N.jsonl; 'auto': I and N from torchrun (RANK, WORLD_SIZE) or a Slurm "
+                            "job array (see docs/cluster.md)")
     sweep.set_defaults(run=cmd_sweep)
 
     swap = commands.add_parser(
@@ -155,11 +194,15 @@ def register_harness_commands(commands) -> None:
                     "it continues. For a 7B model on a GPU: minillm reproduce --model meta-llama/Llama-2-7b-hf "
                     "--dtype bfloat16 --device cuda --limit 200 --layers all --out results/llama-2-7b")
     add_model_arguments(reproduce)
-    add_sweep_arguments(reproduce, batch_size=16, layers=REPRODUCE_LAYERS)
-    reproduce.add_argument("--limit", type=int, help=LIMIT_HELP + " (default: "
-                           + ", ".join(f"{task} {n}" for task, n in REPRODUCE_LIMITS.items()) + ")")
+    add_sweep_arguments(reproduce, batch_size=16, layers=None)
+    reproduce.add_argument("--limit", type=int, help=LIMIT_HELP + ", and N countries for the swap (default: "
+                           + ", ".join(f"{task} {n}" for task, n in REPRODUCE_LIMITS.items()) + "; all countries)")
     reproduce.add_argument("--seeds", type=int, default=1, help="random: seeds 0..N-1")
-    reproduce.add_argument("--out", default="results/reproduce", help="run directory (default: results/reproduce)")
+    reproduce.add_argument("--quick", action="store_true",
+                           help="smoke run: the whole pipeline on a handful of examples (under 2 min on 2 cores); "
+                                "its report says so")
+    reproduce.add_argument("--out", help="run directory (default: results/reproduce, results/reproduce-quick "
+                                         "with --quick)")
     reproduce.set_defaults(run=cmd_reproduce)
 
 

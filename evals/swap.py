@@ -49,7 +49,17 @@ from tqdm import tqdm
 
 from evals.aggregate import BASELINE
 from evals.metrics import accuracy, normalize_answer
-from evals.results import ResultLog, SweepError, dtype_name, make_record, read_records
+from evals.results import (
+    ResultLog,
+    SweepError,
+    check_records_match,
+    claim_manifest,
+    claimed_folder,
+    make_record,
+    model_manifest,
+    read_records,
+)
+from evals.stats import wilson
 from evals.sweep import (
     Batch,
     Condition,
@@ -59,6 +69,7 @@ from evals.sweep import (
     generate_answers,
     length_sorted_batches,
     missing,
+    task_manifest,
 )
 from evals.tasks import Example, Task, capitals
 from minillm.generate import left_pad
@@ -125,13 +136,16 @@ def accepted(example: Example) -> set[str]:
 
 @dataclass(frozen=True)
 class SwapRates:
-    """Per k, the share of answers that are the original capital and that are the injected one."""
+    """Per k, the share of answers that are the original capital and that are the injected one (with 95% Wilson
+    intervals over the pairs)."""
 
     num_layers: int
     pairs: int
     ks: list[int]
     original: list[float]
     injected: list[float]
+    original_interval: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    injected_interval: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,34 +162,42 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
     ks = [k for k in grid.values(L) if k < L]
     task = swap_task(limit)
     position, single = single_token_names(tokenizer, task)
-    log = ResultLog(Path(out_dir) / SWAP_FILE, SWAP_FILE)
-    log.check_same_run(model=model_name, dtype=dtype_name(model), num_layers=L)
-    try:
-        # 1. Which of the single-token countries the model knows.
-        candidates = [example for example in task.examples if example.id in single]
-        baseline = Condition(BASELINE, L)
-        for batch in length_sorted_batches(task, candidates, tokenizer, batch_size):
-            indices = missing(log, batch, baseline)
-            if indices:
-                generations = generate_answers(model, tokenizer, batch, None, batch_prefill(model, tokenizer, batch))
-                for index in indices:
-                    log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
-                log.flush()
-        known = [example for example in candidates
-                 if log.done[baseline.key(TASK_NAME, example.id)]["scores"]["accuracy"] == 1.0]
+    candidates = [example for example in task.examples if example.id in single]
+    baseline = Condition(BASELINE, L)
+    baseline_batches = length_sorted_batches(task, candidates, tokenizer, batch_size)
+    settings = {"batch_size": batch_size, "tasks": {TASK_NAME: task_manifest(task, tokenizer)},
+                "layers": ks, "seed": seed}
+    with claimed_folder(out_dir, SWAP_FILE) as folder:
+        claim_manifest(folder, model_manifest(model, model_name), "swap", settings)
+        log = ResultLog(folder / SWAP_FILE, SWAP_FILE)
+        check_records_match(log.done, [(baseline.key(TASK_NAME, example.id), list(prompt), list(example.golds))
+                                       for batch in baseline_batches
+                                       for example, prompt in zip(batch.examples, batch.prompts)], folder)
+        try:
+            # 1. Which of the single-token countries the model knows.
+            for batch in baseline_batches:
+                indices = missing(log, batch, baseline)
+                if indices:
+                    generations = generate_answers(model, tokenizer, batch, None,
+                                                   batch_prefill(model, tokenizer, batch))
+                    for index in indices:
+                        log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
+                    log.flush()
+            known = [example for example in candidates
+                     if log.done[baseline.key(TASK_NAME, example.id)]["scores"]["accuracy"] == 1.0]
 
-        # 2. Each pair's country token swapped at every k.
-        pairs = pair_up(known, seed)
-        donor_of = {recipient.id: donor for recipient, donor in pairs}
-        batches = length_sorted_batches(task, [recipient for recipient, _ in pairs], tokenizer, batch_size)
-        with tqdm(total=len(batches) * len(ks), unit="batch", desc="swap", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for batch in batches:
-                donors = [donor_of[example.id] for example in batch.examples]
-                swap_batch(model, tokenizer, batch, donors, position, ks, log, model_name)
-                bar.update(len(ks))
-    finally:
-        log.close()
+            # 2. Each pair's country token swapped at every k.
+            pairs = pair_up(known, seed)
+            donor_of = {recipient.id: donor for recipient, donor in pairs}
+            batches = length_sorted_batches(task, [recipient for recipient, _ in pairs], tokenizer, batch_size)
+            with tqdm(total=len(batches) * len(ks), unit="batch", desc="swap", file=sys.stderr,
+                      disable=not progress, dynamic_ncols=True) as bar:
+                for batch in batches:
+                    donors = [donor_of[example.id] for example in batch.examples]
+                    swap_batch(model, tokenizer, batch, donors, position, ks, log, model_name)
+                    bar.update(len(ks))
+        finally:
+            log.close()
     return log.path
 
 
@@ -234,5 +256,8 @@ def swap_rates(out_dir: str | os.PathLike) -> SwapRates:
         by_k[L].append({"original": baseline["scores"]["accuracy"],
                         "injected": accuracy(baseline["prediction"], donor_golds)["accuracy"]})
     ks = sorted(by_k)
-    rate = lambda k, answer: sum(scores[answer] for scores in by_k[k]) / len(by_k[k])  # noqa: E731
-    return SwapRates(L, len(pairs), ks, [rate(k, "original") for k in ks], [rate(k, "injected") for k in ks])
+    counts = {k: (sum(s["original"] for s in by_k[k]), sum(s["injected"] for s in by_k[k]), len(by_k[k])) for k in ks}
+    return SwapRates(L, len(pairs), ks, [counts[k][0] / counts[k][2] for k in ks],
+                     [counts[k][1] / counts[k][2] for k in ks],
+                     [wilson(int(counts[k][0]), counts[k][2]) for k in ks],
+                     [wilson(int(counts[k][1]), counts[k][2]) for k in ks])

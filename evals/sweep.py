@@ -12,8 +12,12 @@ For every task the sweep generates an answer to each example
 makes sense for a designed pair of prompts. The swap experiment (`evals.swap`)
 supplies them for the capitals task.
 
-The result files and their record format are in `evals.results`; turning records
-into curves is `evals.aggregate`.
+The result folder (record files, run manifest, lock) is `evals.results`; turning
+records into curves with intervals is `evals.aggregate`. Without a folder a sweep
+runs in memory and only returns its records and summaries.
+
+`--limit N` means, everywhere in the harness: N examples spread evenly over the
+task (every len/N-th, from the first; see `evenly_spaced`).
 
 How the work is cut up, and why it makes resuming and sharding exact
 --------------------------------------------------------------------
@@ -29,9 +33,11 @@ numbers whether it runs first, after a resume, or in another shard. Hence:
   records are written (they are its last ones, so the file ends up byte-identical
   to an uninterrupted run's). A partial last line, left by a kill mid-write, is
   cut off before appending.
-- `--shard I/N`: shard I takes the units whose index is I-1 modulo N and writes
-  its own file; aggregation reads all files of the directory together.
-  (Two processes must never run the same shard into the same directory.)
+- `--shard I/N` (I counts from 1): shard I takes the units whose index is I-1
+  modulo N and writes its own file; aggregation reads all files of the folder
+  together. `--shard auto` takes I and N from torchrun or a Slurm job array (see
+  `Shard.from_environment` and docs/cluster.md). A second process writing the same
+  shard file is refused (see `evals.results.claimed_folder`).
 
 Below layer k every manipulation computes exactly what the baseline computes, so
 each batch is run once unmanipulated (`prefill`) and every condition of that
@@ -43,14 +49,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from evals.aggregate import BASELINE
-from evals.results import RESULTS_GLOB, ResultLog, SweepError, dtype_name, make_record
+from evals.aggregate import BASELINE, TaskSummary, aggregate
+from evals.results import (
+    RESULTS_GLOB,
+    ResultLog,
+    SweepError,
+    check_records_match,
+    claim_manifest,
+    claimed_folder,
+    make_record,
+    model_manifest,
+    sha256_json,
+)
 from evals.tasks import Example, Task
 from minillm.generate import Prefill, generate_tokens, prefill
 from minillm.manipulation import KINDS, Manipulation
@@ -58,6 +74,7 @@ from minillm.model import Transformer
 from minillm.tokenizer import Tokenizer
 
 SWEEP_KINDS = tuple(kind for kind in KINDS if kind != "swap")
+
 
 # ----------------------------------------------------------------------------- what to run
 
@@ -73,7 +90,7 @@ class LayerGrid:
     step: int = 1
 
     @classmethod
-    def parse(cls, spec: str) -> "LayerGrid":
+    def parse(cls, spec: str) -> LayerGrid:
         """'all' (every k) or 'START:STOP:STEP' such as '0:30:3' or '0::3'."""
         if spec == "all":
             return cls()
@@ -93,8 +110,10 @@ class LayerGrid:
     def values(self, num_layers: int) -> list[int]:
         """The grid's k values for a model of num_layers layers (an error if it reaches past L)."""
         stop = num_layers if self.stop is None else self.stop
-        if stop > num_layers:
-            raise SweepError(f"--layers reaches k={stop}, but the model has {num_layers} layers (k <= {num_layers})")
+        for end in (self.start, stop):
+            if end > num_layers:
+                raise SweepError(f"--layers reaches k={end}, but the model has {num_layers} layers "
+                                 f"(k <= {num_layers})")
         return list(range(self.start, stop + 1, self.step))
 
 
@@ -162,10 +181,11 @@ def evenly_spaced(task: Task, count: int | None) -> Task:
 
 @dataclass(frozen=True)
 class Batch:
-    """Examples of one task that are generated together, with their prompt token ids."""
+    """Examples of one task that are generated together, with their prompts (text and token ids)."""
 
     task: Task
     examples: tuple[Example, ...]
+    texts: tuple[str, ...]
     prompts: tuple[tuple[int, ...], ...]
 
 
@@ -174,28 +194,73 @@ def length_sorted_batches(task: Task, examples: Sequence[Example], tokenizer: To
     """Batches of `batch_size` examples in order of prompt length (ties: given order), so little padding."""
     if batch_size < 1:
         raise SweepError(f"--batch-size must be at least 1, got {batch_size}")
-    prompts = [tuple(tokenizer.encode(task.prompt(example))) for example in examples]
+    texts = [task.prompt(example) for example in examples]
+    prompts = [tuple(tokenizer.encode(text)) for text in texts]
     order = sorted(range(len(prompts)), key=lambda index: (len(prompts[index]), index))
-    return [Batch(task, tuple(examples[i] for i in chunk), tuple(prompts[i] for i in chunk))
+    return [Batch(task, tuple(examples[i] for i in chunk), tuple(texts[i] for i in chunk),
+                  tuple(prompts[i] for i in chunk))
             for chunk in (order[start:start + batch_size] for start in range(0, len(order), batch_size))]
+
+
+def task_manifest(task: Task, tokenizer: Tokenizer) -> dict:
+    """What must not change between the runs that fill one folder with a task's records."""
+    return {"examples": len(task.examples),
+            "examples_sha256": sha256_json([[e.id, e.fields, list(e.golds)] for e in task.examples]),
+            "prompts_sha256": sha256_json([tokenizer.encode(task.prompt(example)) for example in task.examples]),
+            "template": task.template, "shots": [shot.id for shot in task.shots],
+            "max_new_tokens": task.max_new_tokens, "metric": task.primary, "stop": list(task.stop)}
+
+
+def unique_names(tasks: Sequence[Task]) -> None:
+    """Refuse two tasks of one name: their records would share keys, and one would pass for the other."""
+    seen = set()
+    for task in tasks:
+        if task.name in seen:
+            raise SweepError(f"two tasks are named {task.name!r}: give them distinct names (records are keyed "
+                             "by task name)")
+        seen.add(task.name)
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard `index` (1-based) of `count`: the work units whose position is index-1 modulo count."""
+    """Shard `index` of `count`, counted from 1 (1/4 ... 4/4): the work units whose position is index-1 modulo count."""
 
     index: int = 1
     count: int = 1
 
     @classmethod
-    def parse(cls, spec: str) -> "Shard":
+    def parse(cls, spec: str, environment: Mapping[str, str] = os.environ) -> Shard:
+        """'I/N' with 1 <= I <= N, or 'auto' (from torchrun or a Slurm job array: `from_environment`)."""
+        if spec == "auto":
+            return cls.from_environment(environment)
         try:
             index, count = (int(part) for part in spec.split("/"))
         except ValueError:
-            raise SweepError(f"--shard must be I/N with whole numbers (e.g. 2/4), got {spec!r}") from None
-        if not 1 <= index <= count:
-            raise SweepError(f"--shard {spec!r}: need 1 <= I <= N")
+            raise SweepError(f"--shard must be I/N with whole numbers, I counted from 1 (e.g. 2/4), or auto; "
+                             f"got {spec!r}") from None
+        if count < 1 or not 1 <= index <= count:
+            hint = f" (shards count from 1: 1/{count} ... {count}/{count})" if index == 0 and count >= 1 else ""
+            raise SweepError(f"--shard {spec!r}: need 1 <= I <= N{hint}")
         return cls(index, count)
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str]) -> Shard:
+        """The shard of this process under torchrun (RANK, WORLD_SIZE) or a Slurm job array.
+
+        Slurm numbers array tasks from SLURM_ARRAY_TASK_MIN (often 0, sometimes 1) in steps of
+        SLURM_ARRAY_TASK_STEP; torchrun numbers ranks from 0. Both become I = position + 1.
+        """
+        if "WORLD_SIZE" in environment and "RANK" in environment:
+            rank, size = int(environment["RANK"]), int(environment["WORLD_SIZE"])
+            return cls(rank + 1, size)
+        if "SLURM_ARRAY_TASK_ID" in environment and "SLURM_ARRAY_TASK_COUNT" in environment:
+            first = int(environment.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(environment.get("SLURM_ARRAY_TASK_STEP", "1"))
+            position = (int(environment["SLURM_ARRAY_TASK_ID"]) - first) // step
+            return cls(position + 1, int(environment["SLURM_ARRAY_TASK_COUNT"]))
+        raise SweepError("--shard auto: found neither torchrun's RANK/WORLD_SIZE nor a Slurm array's "
+                         "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT in the environment; give --shard I/N "
+                         "(I counted from 1)")
 
     @property
     def filename(self) -> str:
@@ -235,14 +300,19 @@ def batch_prefill(model: Transformer, tokenizer: Tokenizer, batch: Batch) -> Pre
 # ----------------------------------------------------------------------------- the sweep
 
 def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str], grid: LayerGrid,
-         seeds: int, batch_size: int) -> list[tuple[Batch, Condition]]:
-    """Every work unit of the sweep, in a fixed order: task by task, batch by batch, condition by condition."""
+         seeds: int, batch_size: int) -> tuple[list[tuple[Batch, Condition]], dict]:
+    """Every work unit of the sweep, in a fixed order (task by task, batch by batch, condition by condition),
+    and the sweep's settings for the run manifest."""
+    unique_names(tasks)
     runs = conditions(kinds, grid, seeds, model.config.num_layers)
-    units = []
+    units, manifests = [], {}
     for task in tasks:
-        for batch in length_sorted_batches(task, task.examples, tokenizer, batch_size):
-            units += [(batch, condition) for condition in runs]
-    return units
+        batches = length_sorted_batches(task, task.examples, tokenizer, batch_size)
+        units += [(batch, condition) for batch in batches for condition in runs]
+        manifests[task.name] = task_manifest(task, tokenizer)
+    settings = {"batch_size": batch_size, "tasks": manifests, "kinds": sorted(set(kinds)),
+                "layers": sorted({condition.k for condition in runs[1:]}), "seeds": seeds}
+    return units, settings
 
 
 def work(batch: Batch, indices: Iterable[int]) -> int:
@@ -256,14 +326,40 @@ def missing(log: ResultLog, batch: Batch, condition: Condition) -> list[int]:
             if condition.key(batch.task.name, example.id) not in log.done]
 
 
+@dataclass
+class SweepResult:
+    """What a sweep returns: its records (this shard's), the curves they give, and its file when written."""
+
+    records: list[dict]
+    summaries: dict[str, TaskSummary]
+    path: Path | None = None
+
+
 def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str],
-              grid: LayerGrid, out_dir: str | os.PathLike, *, model_name: str, seeds: int = 1,
-              batch_size: int = 8, shard: Shard = Shard(), progress: bool = True) -> Path:
-    """Run (or continue) this shard's part of the sweep into out_dir; returns its result file."""
-    units = [unit for index, unit in enumerate(plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size))
-             if shard.owns(index)]
-    log = ResultLog(Path(out_dir) / shard.filename, RESULTS_GLOB)
-    log.check_same_run(model=model_name, dtype=dtype_name(model), num_layers=model.config.num_layers)
+              grid: LayerGrid, out_dir: str | os.PathLike | None = None, *, seeds: int = 1, batch_size: int = 16,
+              shard: Shard | None = None, model_name: str = "model", progress: bool = True) -> SweepResult:
+    """Run this shard's part of the sweep, in memory, or into out_dir (continuing what it holds).
+
+    With out_dir, the folder's run manifest must agree with this run (see `evals.results`), and
+    the records go to the shard's file as they come.
+    """
+    shard = shard or Shard()
+    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size)
+    units = [unit for index, unit in enumerate(planned) if shard.owns(index)]
+    if out_dir is None:
+        return execute(model, tokenizer, units, ResultLog(None, RESULTS_GLOB), model_name, progress)
+    with claimed_folder(out_dir, shard.filename) as folder:
+        claim_manifest(folder, model_manifest(model, model_name), "sweep", settings)
+        log = ResultLog(folder / shard.filename, RESULTS_GLOB)
+        check_records_match(log.done, [(condition.key(batch.task.name, example.id), list(prompt), list(example.golds))
+                                       for batch, condition in units
+                                       for example, prompt in zip(batch.examples, batch.prompts)], folder)
+        return execute(model, tokenizer, units, log, model_name, progress)
+
+
+def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[tuple[Batch, Condition]], log: ResultLog,
+            model_name: str, progress: bool) -> SweepResult:
+    """Generate the records of every unit that the log does not hold yet; return all the units' records."""
     todo = [(batch, condition, missing(log, batch, condition)) for batch, condition in units]
     # Progress in tokens (prompt + answer budget), a fair measure of cost across tasks, so the ETA holds.
     total = sum(work(batch, range(len(batch.examples))) for batch, _ in units)
@@ -287,4 +383,6 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
                 bar.update(work(batch, indices))
     finally:
         log.close()
-    return log.path
+    records = [log.done[condition.key(batch.task.name, example.id)] for batch, condition in units
+               for example in batch.examples]
+    return SweepResult(records, aggregate(records), log.path)

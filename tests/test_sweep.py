@@ -72,10 +72,11 @@ def tiny(tiny_dir):
 
 
 def small_sweep(tiny, out_dir, shard=None, **options):
+    """The path of the records file of a small sweep into out_dir."""
     model, tokenizer = tiny
     tasks = [get_task("capitals", limit=5), get_task("fanoutqa", limit=3)]
     return run_sweep(model, tokenizer, tasks, ["random", "freeze", "skip_attention"], LayerGrid.parse("0::2"),
-                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard or Shard(), progress=False, **options)
+                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard or Shard(), progress=False, **options).path
 
 
 def lines(path: Path) -> list[str]:
