@@ -202,7 +202,8 @@ def results_table(summaries: dict[str, TaskSummary]) -> str:
     for summary in summaries.values():
         for kind, points in [(BASELINE, [summary.baseline])] + list(summary.curves.items()):
             for p in points if kind == BASELINE else points[:-1]:
-                versus = "" if kind == BASELINE else f"{p.difference:+.3f} [{p.difference_lo:+.3f}, {p.difference_hi:+.3f}]"
+                versus = ("" if kind == BASELINE or p.difference is None  # no shared examples: another shard's
+                          else f"{p.difference:+.3f} [{p.difference_lo:+.3f}, {p.difference_hi:+.3f}]")
                 spread = "" if p.seed_spread is None else f" (seed sd {p.seed_spread:.3f})"
                 rows.append((summary.task, kind, str(p.k), str(p.n), f"{p.score:.3f}{spread}",
                              f"[{p.lo:.3f}, {p.hi:.3f}]", versus))

@@ -265,22 +265,28 @@ def model_manifest(model: Transformer, model_name: str) -> dict:
             "dtype": dtype_name(model), "num_layers": model.config.num_layers}
 
 
-# What a difference in each setting means, for the refusal message.
+# What a difference in each setting means, for the refusal message, in the order they are compared: the
+# settings a user chooses come before the hashes that any of them would also change.
 SETTING_NAMES = {
-    "minillm": "minillm version", "model": "model", "checkpoint": "checkpoint weights (fingerprint)",
-    "dtype": "dtype", "num_layers": "number of layers", "batch_size": "batch size (--batch-size)",
-    "examples": "number of examples (--limit)", "examples_sha256": "examples (an edited data file?)",
-    "prompts_sha256": "rendered prompts (another tokenizer, template or shots?)", "template": "template",
-    "shots": "shots (demonstrations)", "max_new_tokens": "max_new_tokens", "metric": "metric", "stop": "stop strings",
-    "seed": "pairing seed (--seed)",
+    "model": "model", "dtype": "dtype", "num_layers": "number of layers", "checkpoint": "checkpoint weights "
+    "(another fingerprint)", "minillm": "minillm version", "batch_size": "batch size (--batch-size)",
+    "examples": "number of examples (--limit)", "template": "template", "shots": "shots (demonstrations)",
+    "max_new_tokens": "max_new_tokens", "stop": "stop strings", "metric": "metric", "seed": "pairing seed (--seed)",
+    "examples_sha256": "examples (an edited data file?)",
+    "prompts_sha256": "rendered prompts (another tokenizer, template or shots?)",
 }
 EXTENDABLE = ("kinds", "layers", "seeds", "tasks")  # a run may add to these; everything else must match
 
 
 def first_difference(old, new, path: str = "") -> tuple[str, object, object] | None:
-    """The first setting (a dotted path) whose value differs, with both values; None when all agree."""
+    """The first setting (a dotted path) whose value differs, with both values; None when all agree.
+
+    Only settings present on both sides are compared; dictionaries in SETTING_NAMES order, then by name.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in old.keys() & new.keys():
+        order = list(SETTING_NAMES)
+        shared = sorted(old.keys() & new.keys(), key=lambda key: (order.index(key) if key in order else len(order), key))
+        for key in shared:
             found = first_difference(old[key], new[key], f"{path}.{key}" if path else key)
             if found:
                 return found
@@ -348,6 +354,8 @@ def claim_manifest(folder: Path, common: dict, section: str, settings: dict) -> 
             {"tasks": tasks_old}, {"tasks": tasks_new}, section)
         if difference:
             setting, before, now = difference
+            if setting.endswith(("_sha256", "checkpoint")):  # hashes: their values say nothing to a reader
+                raise SweepError(f"{folder} holds results for other {describe(setting)}: use another --out")
             shown = lambda value: repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."  # noqa: E731
             raise SweepError(f"{folder} holds results for {describe(setting)} {shown(before)}, this run has "
                              f"{shown(now)}: use another --out")
@@ -357,7 +365,7 @@ def claim_manifest(folder: Path, common: dict, section: str, settings: dict) -> 
             temporary = path.with_suffix(".tmp")
             temporary.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
             os.replace(temporary, path)  # whole or not at all, even if killed
-    if old and added:
+    if old.get(section) and added:
         print(f"{folder}: extending the run with {'; '.join(added)}", file=sys.stderr)
     return added
 

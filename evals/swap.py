@@ -37,6 +37,7 @@ one record per pair and k (kind "swap", with the donor, scores {"original", "inj
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from evals.aggregate import BASELINE
 from evals.metrics import accuracy, normalize_answer
 from evals.results import (
+    MANIFEST_FILE,
     ResultLog,
     SweepError,
     check_records_match,
@@ -198,6 +200,7 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
                     bar.update(len(ks))
         finally:
             log.close()
+        log.path.touch()  # a model that knows no single-token country still leaves its (empty) result
     return log.path
 
 
@@ -240,9 +243,13 @@ def swap_rates(out_dir: str | os.PathLike) -> SwapRates:
     if not path.exists():
         raise SweepError(f"{out_dir}: no swap results ({SWAP_FILE})")
     records = read_records([path])
-    if not records:
-        raise SweepError(f"{path}: no records")
-    L = next(iter(records.values()))["num_layers"]
+    manifest = Path(out_dir) / MANIFEST_FILE
+    if records:
+        L = next(iter(records.values()))["num_layers"]
+    elif manifest.exists():
+        L = json.loads(manifest.read_text(encoding="utf-8"))["num_layers"]
+    else:
+        raise SweepError(f"{path}: no records, and no {MANIFEST_FILE} to say which model ran")
     swaps = [record for record in records.values() if record["kind"] == "swap"]
     if not swaps:  # the model knew no single-token country
         return SwapRates(L, 0, [], [], [])

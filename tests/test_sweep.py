@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from evals.aggregate import Point, TaskSummary, aggregate
 from evals.cli import main
@@ -23,9 +21,9 @@ from evals.swap import SwapRates
 from evals.sweep import LayerGrid, Shard, evenly_spaced, run_sweep
 from evals.tasks import TASKS, get_task
 from minillm.checkpoint import load_model
-from minillm.config import ModelConfig
-from minillm.model import Transformer
 from minillm.tokenizer import load_tokenizer
+
+from tiny_checkpoint import write_tiny_checkpoint
 
 TINY_LAYERS = 4
 
@@ -42,28 +40,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A checkpoint folder: a random 4-layer Llama and a byte-level tokenizer (256 bytes + an EOS)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    byte_vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    byte_vocab["<eos>"] = len(byte_vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(byte_vocab), "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": TINY_LAYERS, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 512, "eos_token_id": byte_vocab["<eos>"]}
-    (folder / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_hf(config))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3) if parameter.dim() > 1 else parameter.uniform_(0.5, 1.5)
-    weights = {("" if name == "lm_head.weight" else "model.") + name: tensor.contiguous()
-               for name, tensor in model.state_dict().items()}
-    save_file(weights, str(folder / "model.safetensors"))
-    return folder
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TINY_LAYERS)
 
 
 @pytest.fixture(scope="module")
