@@ -107,7 +107,9 @@ def parse_record(line: bytes, path: Path, number: int) -> dict:
         raise SweepError(f"{path}:{number}: not a result record (a JSON {type(record).__name__}, not an object); "
                          "fix or remove the line to continue")
     absent = [field for field in RECORD_FIELDS if field not in record]
-    if absent or not isinstance(record["scores"], dict) or record["metric"] not in record["scores"]:
+    # a swap record scores its answer against two capitals ("original", "injected") instead of its metric
+    if absent or not isinstance(record["scores"], dict) or (record["kind"] != "swap"
+                                                            and record["metric"] not in record["scores"]):
         what = f"no field {absent[0]!r}" if absent else f"no score for its metric {record['metric']!r}"
         raise SweepError(f"{path}:{number}: not a result record ({what}); fix or remove the line to continue")
     return record

@@ -352,3 +352,30 @@ def test_the_verdict_says_when_the_sample_is_too_small_to_tell():
     earliest, latest = recovery_range(narrow, 0.8)
     assert earliest == latest == 18
     assert decide(summary, narrow).startswith("agrees with the paper")
+
+
+def test_report_on_a_swap_only_folder_with_pairs(tmp_path):
+    """Swap records as `evals.swap` writes them (built here: the tiny model knows no capital), reported alone."""
+    L, countries = 4, ["france", "italy", "spain", "peru", "chile"]
+    golds = dict(zip(countries, [["Paris"], ["Rome"], ["Madrid"], ["Lima"], ["Santiago"]]))
+    base = {"task": "capitals-swap", "num_layers": L, "model": "m", "dtype": "float32", "metric": "accuracy",
+            "chance": 0.0, "seed": None}
+    records = [base | {"example": c, "kind": "baseline", "k": L, "golds": golds[c], "prediction": golds[c][0],
+                       "scores": {"accuracy": 1.0}} for c in countries]
+    for index, recipient in enumerate(countries):
+        donor = countries[(index + 1) % len(countries)]
+        for k in (0, 2):
+            follows_donor = k == 0 or index == 0  # swapped low: the donor's capital; at k = 2 only one pair
+            records.append(base | {"example": recipient, "kind": "swap", "k": k, "golds": golds[recipient],
+                                   "donor": donor, "donor_golds": golds[donor],
+                                   "scores": {"original": float(not follows_donor),
+                                              "injected": float(follows_donor)}})
+    (tmp_path / "swap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())["swap"]
+    assert summary["pairs"] == 5 and summary["ks"] == [0, 2, 4]
+    assert summary["injected"] == [1.0, 0.2, 0.0] and summary["original"] == [0.0, 0.8, 1.0]
+    assert summary["injected_interval"][1] == list(wilson(1, 5))
+    report = (tmp_path / "report.md").read_text()
+    assert "5 country pairs" in report and "## Recovery" not in report
+    assert (tmp_path / "figures" / "swap.csv").read_text().startswith("k,k_over_L,original,original_lo")
