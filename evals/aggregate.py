@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
-from evals.stats import interval, is_binary, paired_difference, wilson
+from evals.stats import BINARY_METRICS, interval, paired_difference
 
 BASELINE = "baseline"  # the kind of the unmanipulated records, at k = L
 RECOVERY = 0.9  # a curve has recovered when it is at or above this share of the baseline (see evals.report)
@@ -71,16 +71,15 @@ def make_point(k: int, records: list[dict], baseline: dict[str, float] | None) -
     scores, seed_means = per_example(records)
     examples = sorted(scores)
     values = [scores[example] for example in examples]
-    if len(seed_means) == 1 and is_binary(values):
-        lo, hi = wilson(int(sum(values)), len(values))
-    else:
-        lo, hi = interval(values)
+    # 0/1 outcomes stay 0/1 only with one seed: averaged over seeds they are graded
+    binary = records[0]["metric"] in BINARY_METRICS and len(seed_means) == 1
+    lo, hi = interval(values, binary)
     spread = statistics.stdev(seed_means.values()) if len(seed_means) > 1 else None
     difference = lo_difference = hi_difference = None
     shared = [example for example in examples if baseline and example in baseline]
     if shared:
         difference, lo_difference, hi_difference = paired_difference([scores[e] for e in shared],
-                                                                      [baseline[e] for e in shared])
+                                                                      [baseline[e] for e in shared], binary)
     return Point(k, sum(values) / len(values), len(records), len(values), lo, hi, spread, difference,
                  lo_difference, hi_difference)
 

@@ -26,8 +26,8 @@ REPRODUCE_KINDS = ("random", "freeze", "skip_attention")
 REPRODUCE_LAYERS = "0::3"  # every 3rd layer from 0, and always k = L (the baseline)
 REPRODUCE_SWAP_LAYERS = "all"  # cheap: 60-token prompts, answers of a few tokens
 # `reproduce --quick`: the whole pipeline on a handful of examples, in under 2 minutes on 2 cores.
-QUICK_LIMITS = {"capitals": 8, "context-qa": 3, "fanoutqa": 8, "summarization": 2}
-QUICK_LAYERS = "0::10"
+QUICK_LIMITS = {"capitals": 6, "context-qa": 2, "fanoutqa": 6, "summarization": 1}
+QUICK_LAYERS = "0::15"  # k = 0, 15 and the baseline
 QUICK_SWAP_LIMIT = 40
 
 LIMIT_HELP = "N examples of each task, spread evenly over it (every len/N-th, from the first)"

@@ -190,8 +190,12 @@ def headline_intervals(summaries: dict[str, TaskSummary]) -> list[str]:
                         if p.half_width is not None)
         curve = (f"; curve points: median +-{widths[len(widths) // 2]:.3f}, widest +-{widths[-1]:.3f}"
                  if widths else "")
+        spreads = sorted(p.seed_spread for points in summary.curves.values() for p in points
+                         if p.seed_spread is not None)
+        seeds = (f"; spread between seeds (sd of the per-seed means): median {spreads[len(spreads) // 2]:.3f}, "
+                 f"largest {spreads[-1]:.3f}" if spreads else "")
         lines.append(f"- {summary.task} ({summary.metric}, n = {summary.baseline.n}): baseline "
-                     f"{fmt(summary.baseline.score)} +-{summary.baseline.half_width:.3f}{curve}")
+                     f"{fmt(summary.baseline.score)} +-{summary.baseline.half_width:.3f}{curve}{seeds}")
     return lines
 
 

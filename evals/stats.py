@@ -11,6 +11,10 @@
   other scores, a seeded paired bootstrap of the per-example differences.
 - `interval`: the right one of the first two for a list of scores.
 
+Which one is right depends on what the scores are, not on the values that happened to come out:
+`binary` says the scores are 0/1 outcomes (exact match, accuracy, one seed). A ROUGE score that is
+0 on every example is still a graded score, and gets the bootstrap.
+
 Everything is deterministic: the bootstraps draw from numpy's `default_rng(seed)`, so the same scores
 give the same interval bytes on every run.
 """
@@ -39,8 +43,12 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def is_binary(scores: Sequence[float]) -> bool:
-    return all(score in (0.0, 1.0) for score in scores)
+BINARY_METRICS = ("exact_match", "accuracy")  # scores that are 0/1 outcomes per example
+
+
+def check_binary(scores: Sequence[float]) -> None:
+    if not all(score in (0.0, 1.0) for score in scores):
+        raise ValueError("scores declared 0/1 (exact match, accuracy) hold other values")
 
 
 def bootstrap_mean(scores: Sequence[float], seed: int = SEED, resamples: int = RESAMPLES) -> tuple[float, float]:
@@ -53,9 +61,10 @@ def bootstrap_mean(scores: Sequence[float], seed: int = SEED, resamples: int = R
     return float(lo), float(hi)
 
 
-def interval(scores: Sequence[float], seed: int = SEED) -> tuple[float, float]:
+def interval(scores: Sequence[float], binary: bool, seed: int = SEED) -> tuple[float, float]:
     """95% interval of the mean score: Wilson for 0/1 scores, the bootstrap otherwise."""
-    if scores and is_binary(scores):
+    if binary:
+        check_binary(scores)
         return wilson(int(sum(scores)), len(scores))
     return bootstrap_mean(scores, seed)
 
@@ -84,14 +93,15 @@ def paired_bootstrap(first: Sequence[float], second: Sequence[float], seed: int 
     return bootstrap_mean([a - b for a, b in zip(first, second)], seed, resamples)
 
 
-def paired_difference(manipulated: Sequence[float], baseline: Sequence[float],
+def paired_difference(manipulated: Sequence[float], baseline: Sequence[float], binary: bool,
                       seed: int = SEED) -> tuple[float, float, float]:
     """mean(manipulated) - mean(baseline) over the same examples, with its 95% interval: (difference, lo, hi)."""
     if len(manipulated) != len(baseline) or not manipulated:
         raise ValueError(f"a paired comparison needs the same examples on both sides, got {len(manipulated)} "
                          f"and {len(baseline)} scores")
     difference = (sum(manipulated) - sum(baseline)) / len(manipulated)
-    if is_binary(manipulated) and is_binary(baseline):
+    if binary:
+        check_binary([*manipulated, *baseline])
         lo, hi = newcombe_paired(manipulated, baseline)
     else:
         lo, hi = paired_bootstrap(manipulated, baseline, seed)

@@ -20,7 +20,7 @@ from evals.aggregate import aggregate
 from evals.cli import main
 from evals.report import decide, recovery_range, results_table, write_report
 from evals.results import SweepError, claimed_folder, load_results
-from evals.stats import newcombe_paired, wilson
+from evals.stats import bootstrap_mean, newcombe_paired, wilson
 from evals.sweep import LayerGrid, Shard, run_sweep
 from evals.tasks import get_task
 from minillm.checkpoint import load_model
@@ -313,7 +313,9 @@ def test_points_carry_n_intervals_seed_spread_and_the_paired_difference():
     pooled = summary.curves["random"][0]
     assert (pooled.n, pooled.count, pooled.score) == (8, 16, 6 / 16)  # examples, records, mean over both
     assert pooled.seed_spread == pytest.approx((4 / 8 - 2 / 8) / 2 ** 0.5)  # sample sd of the two seeds' means
-    assert pooled.lo < pooled.score < pooled.hi  # scores of 0, 0.5 and 1 per example: the bootstrap's interval
+    assert (pooled.lo, pooled.hi) == bootstrap_mean([1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])  # seeds averaged first
+    graded = aggregate([dict(r, metric="f1", scores={"f1": r["scores"]["exact_match"]}) for r in baseline])["t"]
+    assert (graded.baseline.lo, graded.baseline.hi) == bootstrap_mean([1.0] * 6 + [0.0] * 2)  # F1: the bootstrap
 
 
 def test_curves_csv_and_summary_json_carry_the_bounds(tiny_dir, tmp_path):

@@ -38,9 +38,12 @@ def test_wilson_known_values():
 
 
 def test_interval_uses_wilson_for_0_1_scores_and_the_bootstrap_otherwise():
-    assert interval([1.0, 0.0, 1.0, 1.0]) == wilson(3, 4)
+    assert interval([1.0, 0.0, 1.0, 1.0], binary=True) == wilson(3, 4)
     graded = [0.5, 0.25, 1.0, 0.0, 0.75]
-    assert interval(graded) == bootstrap_mean(graded)
+    assert interval(graded, binary=False) == bootstrap_mean(graded)
+    assert interval([0.0, 1.0], binary=False) == bootstrap_mean([0.0, 1.0])  # ROUGE of 0 and 1 is still graded
+    with pytest.raises(ValueError, match="declared 0/1"):
+        interval(graded, binary=True)
 
 
 def test_bootstrap_is_deterministic_by_seed_and_brackets_the_mean():
@@ -113,9 +116,9 @@ def test_paired_bootstrap_covers_a_difference_of_graded_scores():
 
 
 def test_paired_difference_picks_its_method_and_refuses_unpaired_input():
-    assert paired_difference([1.0, 0.0, 1.0], [1.0, 1.0, 1.0]) == (pytest.approx(-1 / 3), *newcombe_paired(
-        [1.0, 0.0, 1.0], [1.0, 1.0, 1.0]))
-    graded = paired_difference([0.5, 0.2, 0.9], [0.6, 0.2, 1.0])
+    assert paired_difference([1.0, 0.0, 1.0], [1.0, 1.0, 1.0], binary=True) == (
+        pytest.approx(-1 / 3), *newcombe_paired([1.0, 0.0, 1.0], [1.0, 1.0, 1.0]))
+    graded = paired_difference([0.5, 0.2, 0.9], [0.6, 0.2, 1.0], binary=False)
     assert graded == (pytest.approx(-0.2 / 3), *paired_bootstrap([0.5, 0.2, 0.9], [0.6, 0.2, 1.0]))
     with pytest.raises(ValueError, match="same examples"):
-        paired_difference([1.0], [1.0, 0.0])
+        paired_difference([1.0], [1.0, 0.0], binary=True)
