@@ -177,7 +177,7 @@ def claimed_folder(out_dir: str | os.PathLike, filename: str) -> Iterator[Path]:
     """The output folder, created and checked writable, with this process as the only writer of `filename`.
 
     A run refused inside the block leaves no trace: a folder it created is removed again if nothing
-    but the lock file is in it.
+    but lock files is in it.
     """
     folder = Path(out_dir)
     created = not folder.exists()
@@ -194,8 +194,9 @@ def claimed_folder(out_dir: str | os.PathLike, filename: str) -> Iterator[Path]:
         with writer_lock(lock_path):
             yield folder
     except BaseException:
-        if created and [path.name for path in folder.iterdir()] == [lock_path.name]:
-            lock_path.unlink()
+        if created and all(path.suffix == ".lock" for path in folder.iterdir()):  # only the claims' lock files
+            for path in folder.iterdir():
+                path.unlink()
             folder.rmdir()
         raise
 

@@ -381,3 +381,10 @@ def test_report_on_a_swap_only_folder_with_pairs(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "5 country pairs" in report and "## Recovery" not in report
     assert (tmp_path / "figures" / "swap.csv").read_text().startswith("k,k_over_L,original,original_lo")
+
+
+def test_a_refused_reproduce_leaves_no_folder_behind(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["reproduce", "--quick", "--model", str(tiny_dir), "--layers", "9:9:1", "--out", str(out)]) != 0
+    assert "reaches k=9" in capsys.readouterr().err
+    assert not out.exists()
