@@ -19,9 +19,15 @@ import sys
 import minillm.cli
 from minillm.cli import add_model_arguments, load_from_arguments
 
-# `minillm reproduce` on the embedded SmolLM2-135M: sized to finish in about 15 minutes on 2 CPU cores.
-# Summarization costs the most per example (250-token articles, up to 100 new tokens), context-qa next.
-REPRODUCE_LIMITS = {"capitals": 40, "context-qa": 16, "fanoutqa": 40, "summarization": 8}
+# `minillm reproduce` on the embedded SmolLM2-135M, sized for about 15 minutes on an idle 2-core machine.
+# CPU seconds per example for 16 conditions, measured side by side (AMD EPYC, 1 thread): capitals 1.7,
+# context-qa 5.3, fanoutqa 2.5, summarization 34. The old defaults (40/16/40/8) took 8.0 min of sweep idle,
+# so 15 min (less 0.9 for the swap) buys about 1.7 times their cost. For the narrowest intervals overall, each
+# task gets examples in proportion to its score's spread over the square root of its cost (capitals and
+# context-qa exact match, spread ~0.45; fanoutqa F1 ~0.3; summarization ROUGE-L ~0.07), with summarization
+# kept at 8 articles, below which its bootstrap intervals mean little. Expected 95% half-widths of the
+# baselines: capitals ~0.09, context-qa ~0.11, fanoutqa ~0.08, summarization ~0.04.
+REPRODUCE_LIMITS = {"capitals": 100, "context-qa": 56, "fanoutqa": 60, "summarization": 8}
 REPRODUCE_KINDS = ("random", "freeze", "skip_attention")
 REPRODUCE_LAYERS = "0::3"  # every 3rd layer from 0, and always k = L (the baseline)
 REPRODUCE_SWAP_LAYERS = "all"  # cheap: 60-token prompts, answers of a few tokens

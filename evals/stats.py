@@ -15,6 +15,12 @@ Which one is right depends on what the scores are, not on the values that happen
 `binary` says the scores are 0/1 outcomes (exact match, accuracy, one seed). A ROUGE score that is
 0 on every example is still a graded score, and gets the bootstrap.
 
+When every graded score (or every paired difference) is the same, resampling shows no spread at
+all and the bootstrap interval has width zero, which no sample of a few examples justifies. Then
+the interval is Wilson's for the mean: scores in [0, 1] with mean m have a variance of at most
+m(1 - m), the variance of 0/1 scores, so this is the interval of the worst case (differences in
+[-1, 1] are mapped to [0, 1] and back).
+
 Everything is deterministic: the bootstraps draw from numpy's `default_rng(seed)`, so the same scores
 give the same interval bytes on every run.
 """
@@ -31,8 +37,8 @@ RESAMPLES = 2000
 SEED = 0
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion: successes out of n trials."""
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: successes out of n trials (a fraction: see the module doc)."""
     if n < 1:
         raise ValueError("a proportion needs at least one trial")
     if not 0 <= successes <= n:
@@ -66,6 +72,8 @@ def interval(scores: Sequence[float], binary: bool, seed: int = SEED) -> tuple[f
     if binary:
         check_binary(scores)
         return wilson(int(sum(scores)), len(scores))
+    if min(scores) == max(scores):  # nothing to resample: the worst case for scores in [0, 1]
+        return wilson(sum(scores), len(scores))
     return bootstrap_mean(scores, seed)
 
 
@@ -103,6 +111,9 @@ def paired_difference(manipulated: Sequence[float], baseline: Sequence[float], b
     if binary:
         check_binary([*manipulated, *baseline])
         lo, hi = newcombe_paired(manipulated, baseline)
+    elif len({a - b for a, b in zip(manipulated, baseline)}) == 1:  # the same difference everywhere: worst case
+        lo, hi = wilson((difference + 1) / 2 * len(manipulated), len(manipulated))
+        lo, hi = 2 * lo - 1, 2 * hi - 1
     else:
         lo, hi = paired_bootstrap(manipulated, baseline, seed)
     return difference, lo, hi

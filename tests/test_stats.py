@@ -46,6 +46,15 @@ def test_interval_uses_wilson_for_0_1_scores_and_the_bootstrap_otherwise():
         interval(graded, binary=True)
 
 
+def test_graded_scores_that_all_agree_get_the_worst_case_interval_not_width_zero():
+    assert interval([0.0] * 6, binary=False) == wilson(0, 6)  # F1 of 0 on six examples: not "exactly 0"
+    assert interval([0.25] * 4, binary=False) == wilson(1.0, 4)  # as wide as 1 of 4 successes
+    difference, lo, hi = paired_difference([0.3] * 5, [0.3] * 5, binary=False)
+    low, high = wilson(2.5, 5)
+    assert (difference, lo, hi) == (0.0, pytest.approx(2 * low - 1), pytest.approx(2 * high - 1))
+    assert lo < 0 < hi
+
+
 def test_bootstrap_is_deterministic_by_seed_and_brackets_the_mean():
     rng = random.Random(1)
     scores = [rng.random() for _ in range(30)]
