@@ -388,3 +388,17 @@ def test_a_refused_reproduce_leaves_no_folder_behind(tiny_dir, tmp_path, capsys)
     assert main(["reproduce", "--quick", "--model", str(tiny_dir), "--layers", "9:9:1", "--out", str(out)]) != 0
     assert "reaches k=9" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_sweep_without_a_folder_runs_in_memory_and_plots_to_a_str_path(tiny, tmp_path, monkeypatch):
+    from evals.plots import plot_curves
+
+    monkeypatch.chdir(tmp_path)
+    in_memory = sweep(tiny, None)
+    assert in_memory.path is None and list(tmp_path.iterdir()) == []  # nothing written
+    on_disk = sweep(tiny, tmp_path / "run")
+    assert in_memory.records == on_disk.records and in_memory.summaries == on_disk.summaries
+    point = in_memory.summaries["capitals"].curves["freeze"][0]
+    assert point.n == 4 and point.lo is not None and point.difference_lo is not None
+    png, table = plot_curves(in_memory, "curves.png")
+    assert png.stat().st_size > 0 and table.read_text().startswith("task,kind,k,k_over_L,score,count,n,lo,hi")
