@@ -46,7 +46,8 @@ def comma_list(text: str) -> list[str]:
 
 def tasks_from(names: list[str], limits: dict[str, int | None]):
     """Built-in tasks by name, each cut to its limit (examples spread evenly over the task)."""
-    from evals.sweep import SweepError, evenly_spaced
+    from evals.results import SweepError
+    from evals.sweep import evenly_spaced
     from evals.tasks import TASKS, get_task
 
     unknown = [name for name in names if name not in TASKS]
@@ -81,9 +82,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_swap(args: argparse.Namespace) -> None:
-    from evals.results import claimed_folder
+    from evals.results import SweepError, claimed_folder
     from evals.swap import SWAP_FILE, run_swap
-    from evals.sweep import LayerGrid, SweepError
+    from evals.sweep import LayerGrid
 
     grid = LayerGrid.parse(args.layers)
     if args.limit is not None and args.limit < 2:
@@ -108,9 +109,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
     from evals.aggregate import aggregate
     from evals.report import TIMING_FILE, headline_intervals, write_report
-    from evals.results import claimed_folder, load_results
+    from evals.results import SweepError, claimed_folder, load_results
     from evals.swap import SWAP_FILE, run_swap
-    from evals.sweep import LayerGrid, Shard, SweepError, run_sweep
+    from evals.sweep import LayerGrid, Shard, run_sweep
 
     defaults = QUICK_LIMITS if args.quick else REPRODUCE_LIMITS
     limits = {name: limit if args.limit is None else args.limit for name, limit in defaults.items()}

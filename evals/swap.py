@@ -29,7 +29,7 @@ Choices, and why:
 - Where the name is: the token span where the prompts of different countries differ (common
   prefix and suffix of all prompts' token ids removed), which works for any tokenizer.
 
-Records go to `swap.jsonl` in the run directory (same format and resume rules as `evals.sweep`):
+Records go to `swap.jsonl` in the run folder (the record format, manifest and resume rules of `evals.results`):
 first one baseline record per candidate country (kind "baseline", k = L, scores {"accuracy"}), then
 one record per pair and k (kind "swap", with the donor, scores {"original", "injected"}).
 """
