@@ -69,6 +69,8 @@ def informative(summary: TaskSummary) -> bool:
 
 def verdict(summary: TaskSummary, points: Sequence[Point], recovered: int) -> str:
     """The curve's behaviour in words, against the paper's 'recovers by k/L = 0.5-0.7'."""
+    if math.isnan(summary.chance):
+        return "chance level unknown (it needs at least two examples): no evidence either way"
     if not informative(summary):
         return f"baseline within {MIN_MARGIN} of chance: no evidence either way"
     L = summary.num_layers

@@ -218,6 +218,8 @@ def test_verdict_places_the_recovery_against_the_papers_range(recovered_at, expe
 def test_verdict_of_a_curve_near_chance_claims_nothing():
     points = curve((0, 0.0), (30, 0.02))
     assert verdict(summary_of(points, baseline=0.02), points, 0).startswith("baseline within 0.05 of chance")
+    unknown = summary_of(points, chance=float("nan"))  # one example: no other example's answer to score
+    assert verdict(unknown, points, 0).startswith("chance level unknown")
 
 
 def test_verdict_of_a_curve_that_recovers_only_at_the_baseline():
