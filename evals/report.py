@@ -135,6 +135,37 @@ def crossover_layer(rates: SwapRates) -> int | None:
     return crossed
 
 
+def crossover_range(rates: SwapRates) -> tuple[int, int]:
+    """(earliest, latest) k from which the original answer wins, as far as the rates' 95% intervals can tell.
+
+    earliest: the smallest k with no k' >= k where the injected answer clearly wins (its interval
+    entirely above the original's); latest: the smallest k from which the original clearly wins at
+    every k'. With no swap at k = L the original always wins there, so both are at most L.
+    """
+    rows = list(zip(rates.ks, rates.original_interval, rates.injected_interval))[::-1]
+    earliest = latest = rows[0][0]
+    for k, original, injected in rows:
+        if injected[0] > original[1]:
+            break
+        earliest = k
+    for k, original, injected in rows:
+        if original[0] <= injected[1]:
+            break
+        latest = k
+    return earliest, latest
+
+
+def swap_verdict(rates: SwapRates) -> str:
+    """Whether the swap is ignored in the top third, as the paper says, in the words the intervals allow."""
+    top_third = math.ceil(PAPER_SWAP_IGNORED * rates.num_layers)
+    earliest, latest = crossover_range(rates)
+    if latest <= top_third:
+        return "agrees"
+    if earliest > top_third:
+        return "a smaller top part here"
+    return f"too few pairs to tell: the original answer takes over somewhere in k = {earliest}..{latest}"
+
+
 # ----------------------------------------------------------------------------- writing
 
 def fmt(value: float | None) -> str:
@@ -231,11 +262,10 @@ def swap_section(rates: SwapRates) -> tuple[list[str], dict]:
         "lowest_k": rates.ks[0],
         "original_in_top_third": sum(rates.original[i] for i in top) / len(top) if top else float("nan"),
         "injected_in_top_third": sum(rates.injected[i] for i in top) / len(top) if top else float("nan"),
-        "crossover_k": crossed, "crossover_fraction": crossed / L,
+        "crossover_k": crossed, "crossover_fraction": crossed / L, "crossover_k_range": list(crossover_range(rates)),
     }
     # followed: the injected answer's interval lies above the original's, not just its rate
     followed_low = rates.injected_interval[0][0] > rates.original_interval[0][1]
-    ignored_top = crossed <= math.ceil(PAPER_SWAP_IGNORED * L)
     lines = [
         f"{rates.pairs} country pairs that the model answers correctly at baseline (single-token names); "
         "rates with their 95% Wilson interval over the pairs.",
@@ -248,7 +278,7 @@ def swap_section(rates: SwapRates) -> tuple[list[str], dict]:
         f"{fmt(numbers['original_in_top_third'])}, injected {fmt(numbers['injected_in_top_third'])}.",
         f"- The original answer wins at every k from k = {crossed} (k/L = {crossed / L:.2f}) up: the swap is "
         f"ignored in the top {1 - crossed / L:.0%} of layers (paper: in the top third; "
-        f"{'agrees' if ignored_top else 'a smaller top part here'}).",
+        f"{swap_verdict(rates)}).",
         "",
         "| k | " + " | ".join(str(k) for k in rates.ks) + " |",
         "|---|" + "---|" * len(rates.ks),

@@ -259,3 +259,23 @@ def test_smollm2_follows_a_country_swapped_low_and_ignores_it_at_the_top(smollm2
     assert rates.injected[0] > rates.original[0]  # swapped at the bottom: the injected country is followed
     assert rates.original[1] > rates.injected[1]  # swapped at the last layer: ignored
     assert (rates.original[2], rates.injected[2]) == (1.0, 0.0)  # no swap: every recipient's own capital
+
+
+def test_swap_verdict_uses_the_intervals_of_the_rates():
+    from evals.report import crossover_range, swap_verdict
+    from evals.stats import wilson
+
+    def rates_of(pairs, original_wins):  # original_wins[k]: how many of the pairs give the original capital
+        ks = list(range(len(original_wins)))
+        return SwapRates(num_layers=ks[-1], pairs=pairs, ks=ks, original=[w / pairs for w in original_wins],
+                         injected=[1 - w / pairs for w in original_wins],
+                         original_interval=[wilson(w, pairs) for w in original_wins],
+                         injected_interval=[wilson(pairs - w, pairs) for w in original_wins])
+
+    many = rates_of(60, [0, 0, 0, 55, 58, 60, 60])  # L = 6: top third from k = 4; clear from k = 3
+    assert crossover_range(many) == (3, 3) and swap_verdict(many) == "agrees"
+    few = rates_of(4, [0, 0, 1, 3, 3, 4, 4])  # 3 of 4 is not clearly more than 1 of 4
+    assert crossover_range(few) == (2, 5)
+    assert swap_verdict(few).startswith("too few pairs to tell")
+    late = rates_of(60, [0, 0, 0, 0, 0, 2, 60])
+    assert swap_verdict(late) == "a smaller top part here"
