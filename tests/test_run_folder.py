@@ -402,3 +402,13 @@ def test_a_sweep_without_a_folder_runs_in_memory_and_plots_to_a_str_path(tiny, t
     assert point.n == 4 and point.lo is not None and point.difference_lo is not None
     png, table = plot_curves(in_memory, "curves.png")
     assert png.stat().st_size > 0 and table.read_text().startswith("task,kind,k,k_over_L,score,count,n,lo,hi")
+
+
+def test_under_torchrun_cuda_means_this_ranks_own_gpu(monkeypatch):
+    from evals.cli import device_of_this_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert device_of_this_rank("cuda") == "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (device_of_this_rank("cuda"), device_of_this_rank("cuda:0"), device_of_this_rank("cpu")) == (
+        "cuda:3", "cuda:0", "cpu")
