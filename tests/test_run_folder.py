@@ -26,22 +26,10 @@ from evals.tasks import get_task
 from minillm.checkpoint import load_model
 from minillm.tokenizer import load_tokenizer
 
-from tiny_checkpoint import write_tiny_checkpoint
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from evals.aggregate import Point, TaskSummary, aggregate
 from evals.cli import main
@@ -23,24 +22,9 @@ from evals.tasks import TASKS, evenly_spaced, get_task
 from minillm.checkpoint import load_model
 from minillm.tokenizer import load_tokenizer
 
-from tiny_checkpoint import write_tiny_checkpoint
-
-TINY_LAYERS = 4
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: faster for tiny tensors, and many times faster on a busy machine (no thread waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A checkpoint folder: a random 4-layer Llama and a byte-level tokenizer (256 bytes + an EOS)."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TINY_LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from evals.cli import main
 from evals.results import load_results
 
-from tiny_checkpoint import write_tiny_checkpoint
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 SQUAD = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
     {"context": f"{name} was born in {town}.",
@@ -25,19 +25,6 @@ SQUAD = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
 # Non-default field names, one of them nested: question=prompt_text, answers=gold.aliases, id=uid
 JSONL_ROWS = [{"uid": f"r{index}", "prompt_text": f"What is {index} plus one?", "gold": {"aliases": [str(index + 1)]}}
               for index in range(5)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
