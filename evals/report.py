@@ -233,8 +233,8 @@ def headline_intervals(summaries: dict[str, TaskSummary]) -> list[str]:
 
 
 def results_table(summaries: dict[str, TaskSummary]) -> str:
-    """Every point as a plain-text table (task, kind, k, n, score, 95% interval), as a sweep ends with."""
-    header = ("task", "kind", "k", "n", "score", "95% interval", "vs baseline [95% CI]")
+    """Every point as a plain-text table (task, metric, kind, k, n, score, 95% interval), as a sweep ends with."""
+    header = ("task", "metric", "kind", "k", "n", "score", "95% interval", "vs baseline [95% CI]")
     rows = []
     for summary in summaries.values():
         for kind, points in [(BASELINE, [summary.baseline])] + list(summary.curves.items()):
@@ -242,7 +242,7 @@ def results_table(summaries: dict[str, TaskSummary]) -> str:
                 versus = ("" if kind == BASELINE or p.difference is None  # no shared examples: another shard's
                           else f"{p.difference:+.3f} [{p.difference_lo:+.3f}, {p.difference_hi:+.3f}]")
                 spread = "" if p.seed_spread is None else f" (seed sd {p.seed_spread:.3f})"
-                rows.append((summary.task, kind, str(p.k), str(p.n), f"{p.score:.3f}{spread}",
+                rows.append((summary.task, summary.metric, kind, str(p.k), str(p.n), f"{p.score:.3f}{spread}",
                              f"[{p.lo:.3f}, {p.hi:.3f}]", versus))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip()  # noqa: E731

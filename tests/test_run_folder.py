@@ -268,11 +268,11 @@ def test_sweep_ends_with_a_results_table_of_every_point(tiny_dir, tmp_path, caps
     assert main(["sweep", "--model", str(tiny_dir), "--task", "capitals", "--manipulation", "freeze", "--layers",
                  "0:4:2", "--limit", "5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["task", "kind", "k", "n", "score", "95%", "interval", "vs", "baseline", "[95%",
-                                  "CI]"]
+    assert printed[0].split() == ["task", "metric", "kind", "k", "n", "score", "95%", "interval", "vs", "baseline",
+                                  "[95%", "CI]"]
     summary = aggregate(load_results(out).values())["capitals"]
     baseline = summary.baseline
-    assert printed[2].split() == ["capitals", "baseline", "4", "5", f"{baseline.score:.3f}",
+    assert printed[2].split() == ["capitals", "exact_match", "baseline", "4", "5", f"{baseline.score:.3f}",
                                   f"[{baseline.lo:.3f},", f"{baseline.hi:.3f}]"]
     assert len([line for line in printed if line.startswith("capitals")]) == 1 + 2  # baseline, freeze k = 1, 2
     assert results_table({"capitals": summary}) in "\n".join(printed)
