@@ -212,6 +212,7 @@ def child_main(folder: str, dtype_name: str, device_name: str) -> None:
     import resource
 
     import torch
+
     from minillm.checkpoint import load_model
 
     device = common.parse_device(device_name)

@@ -333,6 +333,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = args.clock
     import transformers
+
     from minillm.embedded import ensure_smollm2
     folder = args.model or str(ensure_smollm2())
     dtype_names = args.dtypes.split(",")

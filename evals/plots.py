@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -16,8 +17,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evals.aggregate import RECOVERY, Point, TaskSummary  # noqa: E402
 from evals.swap import SwapRates  # noqa: E402
-from evals.sweep import TaskSummary  # noqa: E402
 
 KIND_STYLE = {  # one colour and marker per manipulation, the same in every panel
     "random": dict(color="tab:red", marker="o"),
@@ -26,23 +27,35 @@ KIND_STYLE = {  # one colour and marker per manipulation, the same in every pane
 }
 
 
-def plot_curves(summaries: dict[str, TaskSummary], path: Path) -> list[Path]:
-    """One panel per task: mean score vs k/L for each manipulation, with baseline and chance lines.
+def plot_curves(summaries, path: str | os.PathLike) -> list[Path]:
+    """One panel per task: mean score vs k/L for each manipulation with its 95% band, baseline and chance lines.
 
-    Writes `path` (PNG) and the same name with .csv: task, kind, k, k/L, score, count.
+    `summaries`: a sweep's result (`evals.sweep.SweepResult`) or its task summaries (`evals.aggregate`).
+    Writes `path` (PNG) and the same name with .csv: task, kind, k, k/L, score, count (records), n
+    (examples), the score's 95% interval, the spread between seeds, and the paired difference from
+    the baseline with its 95% interval.
     """
+    summaries: dict[str, TaskSummary] = getattr(summaries, "summaries", summaries)
+    path = Path(path)
+    if not summaries:
+        raise ValueError("nothing to plot: no task has a baseline")
     columns = min(len(summaries), 2)
     rows = math.ceil(len(summaries) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
     for axis, summary in zip(axes.flat, summaries.values()):
         L = summary.num_layers
         for kind, points in summary.curves.items():
-            axis.plot([p.k / L for p in points], [p.score for p in points], label=kind, markersize=4,
-                      **KIND_STYLE.get(kind, {}))
+            style = KIND_STYLE.get(kind, {})
+            x = [p.k / L for p in points]
+            axis.plot(x, [p.score for p in points], label=kind, markersize=4, **style)
+            if all(p.lo is not None for p in points):
+                axis.fill_between(x, [p.lo for p in points], [p.hi for p in points], alpha=0.15, linewidth=0,
+                                  color=style.get("color"))
         axis.axhline(summary.baseline.score, color="black", linestyle="--", linewidth=1, label="baseline")
-        axis.axhline(0.9 * summary.baseline.score, color="grey", linestyle=":", linewidth=1, label="90% of baseline")
+        axis.axhline(RECOVERY * summary.baseline.score, color="grey", linestyle=":", linewidth=1,
+                     label=f"{RECOVERY:.0%} of baseline")
         axis.axhline(summary.chance, color="tab:purple", linestyle="-.", linewidth=1, label="chance")
-        axis.set_title(f"{summary.task} ({summary.baseline.count} examples)")
+        axis.set_title(f"{summary.task} (n = {summary.baseline.n}; bands: 95% intervals)")
         axis.set_xlabel(f"k / L  (bottom),  k  (top): manipulated from layer k up; L = {L}")
         axis.set_ylabel(summary.metric)
         axis.set_xlim(0, 1)
@@ -59,22 +72,28 @@ def plot_curves(summaries: dict[str, TaskSummary], path: Path) -> list[Path]:
     table = path.with_suffix(".csv")
     with open(table, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["task", "kind", "k", "k_over_L", "score", "count"])
+        writer.writerow(["task", "kind", "k", "k_over_L", "score", "count", "n", "lo", "hi", "seed_spread",
+                         "difference", "difference_lo", "difference_hi"])
         for summary in summaries.values():
-            writer.writerow([summary.task, "baseline", summary.num_layers, 1.0, summary.baseline.score,
-                             summary.baseline.count])
-            writer.writerow([summary.task, "chance", "", "", summary.chance, ""])
+            writer.writerow(csv_row(summary, "baseline", summary.baseline))
+            writer.writerow([summary.task, "chance", "", "", summary.chance] + [""] * 8)
             for kind, points in summary.curves.items():
-                for p in points:
-                    writer.writerow([summary.task, kind, p.k, p.k / summary.num_layers, p.score, p.count])
+                writer.writerows(csv_row(summary, kind, p) for p in points)
     return [path, table]
 
 
-def plot_swap(rates: SwapRates, path: Path) -> list[Path]:
+def csv_row(summary: TaskSummary, kind: str, p: Point) -> list:
+    return [summary.task, kind, p.k, p.k / summary.num_layers, p.score, p.count, p.n, p.lo, p.hi, p.seed_spread,
+            p.difference, p.difference_lo, p.difference_hi]
+
+
+def plot_swap(rates: SwapRates, path: str | os.PathLike) -> list[Path]:
     """The swap heat-map in the paper's style: rows original / injected answer, columns k, colour = rate.
 
-    Writes `path` (PNG) and the same name with .csv: k, k/L, original rate, injected rate.
+    Writes `path` (PNG) and the same name with .csv: k, k/L, original and injected rate with their
+    95% Wilson intervals, pairs.
     """
+    path = Path(path)
     figure, axis = plt.subplots(figsize=(max(6.0, 0.32 * len(rates.ks) + 2), 2.4))
     image = axis.imshow([rates.original, rates.injected], aspect="auto", cmap="viridis", vmin=0, vmax=1)
     axis.set_yticks([0, 1], ["original\nanswer", "injected\nanswer"])
@@ -89,9 +108,12 @@ def plot_swap(rates: SwapRates, path: Path) -> list[Path]:
     table = path.with_suffix(".csv")
     with open(table, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["k", "k_over_L", "original", "injected", "pairs"])
-        for k, original, injected in zip(rates.ks, rates.original, rates.injected):
-            writer.writerow([k, k / rates.num_layers, original, injected, rates.pairs])
+        writer.writerow(["k", "k_over_L", "original", "original_lo", "original_hi", "injected", "injected_lo",
+                         "injected_hi", "pairs"])
+        for k, original, (original_lo, original_hi), injected, (injected_lo, injected_hi) in zip(
+                rates.ks, rates.original, rates.original_interval, rates.injected, rates.injected_interval):
+            writer.writerow([k, k / rates.num_layers, original, original_lo, original_hi, injected, injected_lo,
+                             injected_hi, rates.pairs])
     return [path, table]
 
 

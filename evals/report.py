@@ -14,6 +14,14 @@ single lucky point low in the model from counting as recovery on a noisy curve. 
 depth fraction; `1 - k / L` the share of top layers whose view of previous tokens can be
 manipulated at little cost.
 
+With uncertainty: each point carries a paired 95% interval for (its score - the baseline's) over
+the same examples (`evals.stats.paired_difference`). A point is *clearly below* when that interval
+lies entirely under -10% of the baseline score, and *clearly holds* when it lies entirely at or
+above it. The recovery layer then lies between the smallest k above every clearly-below point
+(the earliest the data allow) and the smallest k from which every point clearly holds (the
+latest); the verdict compares that whole range with the paper's, and says "too few examples to
+tell" when the range straddles the paper's bounds.
+
 The paper's claims (Ben-Artzy & Schwartz 2024): manipulating previous tokens in the top 30-50%
 of layers barely hurts, i.e. curves recover by k/L = 0.5-0.7, while manipulating low can drop a
 task to chance; a swapped country is followed when swapped low and ignored in the top third.
@@ -27,11 +35,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.aggregate import BASELINE, RECOVERY, Point, TaskSummary, aggregate
 from evals.plots import plot_curves, plot_swap
+from evals.results import MANIFEST_FILE, RESULTS_GLOB, SweepError, load_results
 from evals.swap import SWAP_FILE, SwapRates, swap_rates
-from evals.sweep import BASELINE, Point, TaskSummary, aggregate, load_results
 
-RECOVERY = 0.9  # a curve has recovered when it is at or above this share of the baseline
 PAPER_RECOVERY = (0.5, 0.7)  # k/L by which the paper's curves recover (top 30-50% of layers manipulable)
 PAPER_SWAP_IGNORED = 2 / 3  # the paper: swaps in the top third of layers are ignored
 MIN_MARGIN = 0.05  # a baseline closer than this to chance says nothing about what a manipulation costs
@@ -61,6 +69,8 @@ def informative(summary: TaskSummary) -> bool:
 
 def verdict(summary: TaskSummary, points: Sequence[Point], recovered: int) -> str:
     """The curve's behaviour in words, against the paper's 'recovers by k/L = 0.5-0.7'."""
+    if math.isnan(summary.chance):
+        return "chance level unknown (it needs at least two examples): no evidence either way"
     if not informative(summary):
         return f"baseline within {MIN_MARGIN} of chance: no evidence either way"
     L = summary.num_layers
@@ -75,6 +85,46 @@ def verdict(summary: TaskSummary, points: Sequence[Point], recovered: int) -> st
     return "recovers later than the paper (fewer layers manipulable)"
 
 
+def recovery_range(points: Sequence[Point], baseline: float, share: float = RECOVERY) -> tuple[int, int]:
+    """(earliest, latest) k at which the curve may recover, given each point's paired interval against the baseline.
+
+    earliest: the smallest measured k such that no k' >= k is clearly below share * baseline;
+    latest: the smallest measured k such that every k' >= k clearly holds. A point without an
+    interval is neither. The baseline itself (k = L) always holds, so both are at most L.
+    """
+    margin = -(1 - share) * baseline - 1e-9  # the lowest score - baseline that still counts as recovered
+    ordered = sorted(points, key=lambda p: p.k, reverse=True)
+    earliest = latest = ordered[0].k
+    for point in ordered:
+        if point.difference_hi is not None and point.difference_hi < margin:
+            break
+        earliest = point.k
+    for point in ordered:
+        if point.difference_lo is None or point.difference_lo < margin:
+            break
+        latest = point.k
+    return earliest, latest
+
+
+def decide(summary: TaskSummary, points: Sequence[Point]) -> str:
+    """The verdict that the intervals support: `verdict` when they pin the recovery layer down, else its range."""
+    if informative(summary) and summary.baseline.lo is not None and summary.baseline.lo <= summary.chance:
+        return "baseline not clearly above chance (its 95% interval reaches chance): no evidence either way"
+    earliest, latest = recovery_range(points, summary.baseline.score)
+    if not informative(summary) or earliest == latest:
+        return verdict(summary, points, earliest)
+    L = summary.num_layers
+    low, high = earliest / L, latest / L
+    where = f"recovery somewhere in k = {earliest}..{latest} (k/L {low:.2f}-{high:.2f})"
+    if latest < L and high < PAPER_RECOVERY[0]:
+        return f"recovers earlier than the paper (more layers manipulable): {where}"
+    if latest < L and PAPER_RECOVERY[0] <= low and high <= PAPER_RECOVERY[1]:
+        return f"agrees with the paper: {where}"
+    if low > PAPER_RECOVERY[1]:
+        return f"recovers later than the paper (fewer layers manipulable): {where}"
+    return f"too few examples to tell: {where}, against the paper's {PAPER_RECOVERY[0]}-{PAPER_RECOVERY[1]}"
+
+
 def crossover_layer(rates: SwapRates) -> int | None:
     """Smallest k from which the original answer is at least as frequent as the injected one at every k' >= k."""
     crossed = None
@@ -85,10 +135,45 @@ def crossover_layer(rates: SwapRates) -> int | None:
     return crossed
 
 
+def crossover_range(rates: SwapRates) -> tuple[int, int]:
+    """(earliest, latest) k from which the original answer wins, as far as the rates' 95% intervals can tell.
+
+    earliest: the smallest k with no k' >= k where the injected answer clearly wins (its interval
+    entirely above the original's); latest: the smallest k from which the original clearly wins at
+    every k'. With no swap at k = L the original always wins there, so both are at most L.
+    """
+    rows = list(zip(rates.ks, rates.original_interval, rates.injected_interval))[::-1]
+    earliest = latest = rows[0][0]
+    for k, original, injected in rows:
+        if injected[0] > original[1]:
+            break
+        earliest = k
+    for k, original, injected in rows:
+        if original[0] <= injected[1]:
+            break
+        latest = k
+    return earliest, latest
+
+
+def swap_verdict(rates: SwapRates) -> str:
+    """Whether the swap is ignored in the top third, as the paper says, in the words the intervals allow."""
+    top_third = math.ceil(PAPER_SWAP_IGNORED * rates.num_layers)
+    earliest, latest = crossover_range(rates)
+    if latest <= top_third:
+        return "agrees"
+    if earliest > top_third:
+        return "a smaller top part here"
+    return f"too few pairs to tell: the original answer takes over somewhere in k = {earliest}..{latest}"
+
+
 # ----------------------------------------------------------------------------- writing
 
-def fmt(value: float) -> str:
+def fmt(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def span(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None else f"[{lo:.2f}, {hi:.2f}]"
 
 
 def cell(text: str, width: int = 70) -> str:
@@ -104,25 +189,64 @@ def recovery_rows(summaries: dict[str, TaskSummary]) -> list[dict]:
     for summary in summaries.values():
         for kind, points in summary.curves.items():
             recovered = recovery_layer(points, summary.baseline.score)
+            earliest, latest = recovery_range(points, summary.baseline.score)
             rows.append({"task": summary.task, "kind": kind, "recovery_k": recovered,
-                         "recovery_fraction": recovered / summary.num_layers,
+                         "recovery_fraction": recovered / summary.num_layers, "recovery_k_range": [earliest, latest],
                          "lowest_k": points[0].k, "score_at_lowest_k": points[0].score,
+                         "interval_at_lowest_k": [points[0].lo, points[0].hi],
                          "at_chance_at_lowest_k": points[0].score <= summary.chance + 1e-9,
-                         "verdict": verdict(summary, points, recovered)})
+                         "verdict": decide(summary, points)})
     return rows
 
 
 def recovery_table(summaries: dict[str, TaskSummary], rows: list[dict]) -> list[str]:
-    lines = ["| task | metric | baseline | chance | manipulation | recovers from k | k/L | top layers manipulable "
-             "| score at lowest k | at or below chance there | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | baseline [95% CI] (n) | chance | manipulation | recovers from k | k range the intervals "
+             "allow | k/L | top layers manipulable | score at lowest k [95% CI] | at or below chance there | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         summary = summaries[row["task"]]
-        lines.append(f"| {row['task']} | {summary.metric} | {fmt(summary.baseline.score)} | {fmt(summary.chance)} "
-                     f"| {row['kind']} | {row['recovery_k']} | {row['recovery_fraction']:.2f} "
-                     f"| {1 - row['recovery_fraction']:.0%} | {fmt(row['score_at_lowest_k'])} (k={row['lowest_k']}) "
+        baseline = summary.baseline
+        earliest, latest = row["recovery_k_range"]
+        lines.append(f"| {row['task']} | {summary.metric} | {fmt(baseline.score)} {span(baseline.lo, baseline.hi)} "
+                     f"({baseline.n}) | {fmt(summary.chance)} | {row['kind']} | {row['recovery_k']} "
+                     f"| {earliest}-{latest} | {row['recovery_fraction']:.2f} | {1 - row['recovery_fraction']:.0%} "
+                     f"| {fmt(row['score_at_lowest_k'])} {span(*row['interval_at_lowest_k'])} (k={row['lowest_k']}) "
                      f"| {'yes' if row['at_chance_at_lowest_k'] else 'no'} | {row['verdict']} |")
     return lines
+
+
+def headline_intervals(summaries: dict[str, TaskSummary]) -> list[str]:
+    """Per task: the baseline's 95% half-width, and the widest and median half-width of its curves' points."""
+    lines = []
+    for summary in summaries.values():
+        widths = sorted(p.half_width for points in summary.curves.values() for p in points[:-1]
+                        if p.half_width is not None)
+        curve = (f"; curve points: median +-{widths[len(widths) // 2]:.3f}, widest +-{widths[-1]:.3f}"
+                 if widths else "")
+        spreads = sorted(p.seed_spread for points in summary.curves.values() for p in points
+                         if p.seed_spread is not None)
+        seeds = (f"; spread between seeds (sd of the per-seed means): median {spreads[len(spreads) // 2]:.3f}, "
+                 f"largest {spreads[-1]:.3f}" if spreads else "")
+        lines.append(f"- {summary.task} ({summary.metric}, n = {summary.baseline.n}): baseline "
+                     f"{fmt(summary.baseline.score)} +-{summary.baseline.half_width:.3f}{curve}{seeds}")
+    return lines
+
+
+def results_table(summaries: dict[str, TaskSummary]) -> str:
+    """Every point as a plain-text table (task, kind, k, n, score, 95% interval), as a sweep ends with."""
+    header = ("task", "kind", "k", "n", "score", "95% interval", "vs baseline [95% CI]")
+    rows = []
+    for summary in summaries.values():
+        for kind, points in [(BASELINE, [summary.baseline])] + list(summary.curves.items()):
+            for p in points if kind == BASELINE else points[:-1]:
+                versus = ("" if kind == BASELINE or p.difference is None  # no shared examples: another shard's
+                          else f"{p.difference:+.3f} [{p.difference_lo:+.3f}, {p.difference_hi:+.3f}]")
+                spread = "" if p.seed_spread is None else f" (seed sd {p.seed_spread:.3f})"
+                rows.append((summary.task, kind, str(p.k), str(p.n), f"{p.score:.3f}{spread}",
+                             f"[{p.lo:.3f}, {p.hi:.3f}]", versus))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * width for width in widths)), *map(line, rows)])
 
 
 def swap_section(rates: SwapRates) -> tuple[list[str], dict]:
@@ -138,21 +262,23 @@ def swap_section(rates: SwapRates) -> tuple[list[str], dict]:
         "lowest_k": rates.ks[0],
         "original_in_top_third": sum(rates.original[i] for i in top) / len(top) if top else float("nan"),
         "injected_in_top_third": sum(rates.injected[i] for i in top) / len(top) if top else float("nan"),
-        "crossover_k": crossed, "crossover_fraction": crossed / L,
+        "crossover_k": crossed, "crossover_fraction": crossed / L, "crossover_k_range": list(crossover_range(rates)),
     }
-    followed_low = numbers["injected_at_lowest_k"] > numbers["original_at_lowest_k"]
-    ignored_top = crossed <= math.ceil(PAPER_SWAP_IGNORED * L)
+    # followed: the injected answer's interval lies above the original's, not just its rate
+    followed_low = rates.injected_interval[0][0] > rates.original_interval[0][1]
     lines = [
-        f"{rates.pairs} country pairs that the model answers correctly at baseline (single-token names).",
+        f"{rates.pairs} country pairs that the model answers correctly at baseline (single-token names); "
+        "rates with their 95% Wilson interval over the pairs.",
         "",
-        f"- Swapped at k = {rates.ks[0]}: injected answer {fmt(numbers['injected_at_lowest_k'])}, original "
-        f"{fmt(numbers['original_at_lowest_k'])}: the swapped token is "
-        f"{'followed' if followed_low else 'not followed'} (paper: followed).",
+        f"- Swapped at k = {rates.ks[0]}: injected answer {fmt(numbers['injected_at_lowest_k'])} "
+        f"{span(*rates.injected_interval[0])}, original {fmt(numbers['original_at_lowest_k'])} "
+        f"{span(*rates.original_interval[0])}: the swapped token is "
+        f"{'followed' if followed_low else 'not clearly followed'} (paper: followed).",
         f"- Swapped in the top third (k >= {math.ceil(PAPER_SWAP_IGNORED * L)}): original answer "
         f"{fmt(numbers['original_in_top_third'])}, injected {fmt(numbers['injected_in_top_third'])}.",
         f"- The original answer wins at every k from k = {crossed} (k/L = {crossed / L:.2f}) up: the swap is "
         f"ignored in the top {1 - crossed / L:.0%} of layers (paper: in the top third; "
-        f"{'agrees' if ignored_top else 'a smaller top part here'}).",
+        f"{swap_verdict(rates)}).",
         "",
         "| k | " + " | ".join(str(k) for k in rates.ks) + " |",
         "|---|" + "---|" * len(rates.ks),
@@ -182,28 +308,43 @@ def sample_outputs(records: dict[tuple, dict], summary: TaskSummary) -> list[str
     return lines
 
 
+def run_facts(run_dir: Path, records: list[dict]) -> dict:
+    """Model, dtype and depth of a run: from its manifest, else from its first record."""
+    manifest_path = run_dir / MANIFEST_FILE
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return {key: manifest[key] for key in ("model", "dtype", "num_layers")}
+    return {key: records[0][key] for key in ("model", "dtype", "num_layers")}
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """Figures, report.md and summary.json for a run directory; returns the report's path."""
+    """Figures, report.md and summary.json for a run folder (sweep, swap or both; shards merged)."""
     run_dir = Path(run_dir)
-    records = load_results(run_dir)
+    has_sweep, has_swap = any(run_dir.glob(RESULTS_GLOB)), (run_dir / SWAP_FILE).exists()
+    if not has_sweep and not has_swap:
+        raise SweepError(f"{run_dir}: no sweep results ({RESULTS_GLOB}) and no swap results ({SWAP_FILE})")
+    records = load_results(run_dir) if has_sweep else {}
+    rates = swap_rates(run_dir) if has_swap else None
     summaries = aggregate(records.values())
+    facts = run_facts(run_dir, list(records.values()) or [{"model": "?", "dtype": "?", "num_layers": rates.num_layers}])
+    L = facts["num_layers"]
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
-    plot_curves(summaries, figures / "curves.png")
-    first = next(iter(records.values()))
-    L = first["num_layers"]
-    rows = recovery_rows(summaries)
 
     lines = [
-        f"# Attend First, Consolidate Later: reproduction with {first['model']}",
+        f"# Attend First, Consolidate Later: reproduction with {facts['model']}",
         "",
-        f"Model `{first['model']}` ({L} layers, {first['dtype']}), greedy decoding. k is the first layer whose "
-        "view of previous tokens is altered; k = L is the unmanipulated baseline.",
+        f"Model `{facts['model']}` ({L} layers, {facts['dtype']}), greedy decoding. k is the first layer whose "
+        "view of previous tokens is altered; k = L is the unmanipulated baseline. Every score comes with its "
+        "number of examples n and a 95% interval.",
     ]
     timing_path = run_dir / TIMING_FILE
     if timing_path.exists():
         timing = json.loads(timing_path.read_text())
         settings = timing["settings"]
+        if settings.get("quick"):
+            lines += ["", "**Smoke run (`--quick`)**: a handful of examples per task, to check that the whole "
+                      "pipeline works. Its numbers support no conclusion about the paper's claims."]
         lines.append(f"Run time: {timing['total_s'] / 60:.1f} min (sweep {timing['sweep_s'] / 60:.1f}, swap "
                      f"{timing['swap_s'] / 60:.1f}; CPU time {timing['cpu_s'] / 60:.1f}) on {settings['device']}, "
                      f"threads {settings['threads'] or 'default'}, batch size {settings['batch_size']}, "
@@ -217,32 +358,42 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "- The same manipulation in low layers can drop a task to chance.",
         "- A swapped token ('Italy' for 'France') is followed when swapped low and ignored in the top third.",
         "",
-        "## Recovery per task and manipulation",
-        "",
-        f"A curve *recovers from k* when every measured k' >= k scores at least {RECOVERY:.0%} of the baseline "
-        "(the smallest such k is shown). Examples per task: "
-        + ", ".join(f"{s.task} {s.baseline.count}" for s in summaries.values()) + ".",
-        "",
-        *recovery_table(summaries, rows),
-        "",
-        "![score vs k](figures/curves.png)",
-        "",
-        "Numbers: [figures/curves.csv](figures/curves.csv).",
-        "",
     ]
-    summary_json = {"model": first["model"], "dtype": first["dtype"], "num_layers": L,
-                    "tasks": {task: summary.to_dict() for task, summary in summaries.items()}, "recovery": rows}
-    if (run_dir / SWAP_FILE).exists():
-        rates = swap_rates(run_dir)
+    summary_json = {**facts, "tasks": {task: summary.to_dict() for task, summary in summaries.items()}}
+    if summaries:
+        plot_curves(summaries, figures / "curves.png")
+        rows = recovery_rows(summaries)
+        summary_json["recovery"] = rows
+        lines += [
+            "## Recovery per task and manipulation",
+            "",
+            f"A curve *recovers from k* when every measured k' >= k scores at least {RECOVERY:.0%} of the baseline "
+            "(the smallest such k is shown). The paired 95% interval of each point against the baseline, over the "
+            "same examples, bounds where recovery can be: the *k range* column; the verdict uses that range, and "
+            "says so when it is too wide to place against the paper's.",
+            "",
+            *recovery_table(summaries, rows),
+            "",
+            "Half-widths of the 95% intervals:",
+            "",
+            *headline_intervals(summaries),
+            "",
+            "![score vs k](figures/curves.png)",
+            "",
+            "Numbers, with intervals: [figures/curves.csv](figures/curves.csv).",
+            "",
+        ]
+    if rates is not None:
         swap_lines, swap_numbers = swap_section(rates)
         lines += ["## Swap", "", *swap_lines, ""]
         if rates.pairs:
             plot_swap(rates, figures / "swap.png")
             lines += ["![swap heat-map](figures/swap.png)", "", "Numbers: [figures/swap.csv](figures/swap.csv).", ""]
         summary_json["swap"] = rates.to_dict() | swap_numbers
-    lines += ["## Sample outputs", ""]
-    for summary in summaries.values():
-        lines += [f"### {summary.task}", "", *sample_outputs(records, summary), ""]
+    if summaries:
+        lines += ["## Sample outputs", ""]
+        for summary in summaries.values():
+            lines += [f"### {summary.task}", "", *sample_outputs(records, summary), ""]
 
     (run_dir / "summary.json").write_text(json.dumps(summary_json, indent=1) + "\n", encoding="utf-8")
     report = run_dir / "report.md"

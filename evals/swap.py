@@ -29,7 +29,7 @@ Choices, and why:
 - Where the name is: the token span where the prompts of different countries differ (common
   prefix and suffix of all prompts' token ids removed), which works for any tokenizer.
 
-Records go to `swap.jsonl` in the run directory (same format and resume rules as `evals.sweep`):
+Records go to `swap.jsonl` in the run folder (the record format, manifest and resume rules of `evals.results`):
 first one baseline record per candidate country (kind "baseline", k = L, scores {"accuracy"}), then
 one record per pair and k (kind "swap", with the donor, scores {"original", "injected"}).
 """
@@ -37,6 +37,7 @@ one record per pair and k (kind "swap", with the donor, scores {"original", "inj
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -47,10 +48,31 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evals.aggregate import BASELINE
 from evals.metrics import accuracy, normalize_answer
-from evals.sweep import (BASELINE, Batch, Condition, LayerGrid, ResultLog, SweepError, batch_prompt_states,
-                         dtype_name, generate_answers, length_sorted_batches, make_record, missing, read_records)
-from evals.tasks import Example, Task, capitals
+from evals.results import (
+    MANIFEST_FILE,
+    ResultLog,
+    SweepError,
+    check_records_match,
+    claim_manifest,
+    claimed_folder,
+    make_record,
+    model_manifest,
+    read_records,
+)
+from evals.stats import wilson
+from evals.sweep import (
+    Batch,
+    Condition,
+    LayerGrid,
+    batch_prompt_states,
+    generate_answers,
+    length_sorted_batches,
+    missing,
+    task_manifest,
+)
+from evals.tasks import Example, Task, capitals, evenly_spaced
 from minillm.generate import left_pad
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
@@ -62,10 +84,10 @@ DONOR_TEMPLATE = "The country {country}"
 
 
 def swap_task(limit: int | None = None) -> Task:
-    """The capitals task (its first `limit` countries), scored leniently: does the answer name the capital?"""
-    task = capitals()
-    return dataclasses.replace(task, name=TASK_NAME, metric="accuracy", primary="accuracy",
-                               examples=task.examples[:limit])
+    """The capitals task (`limit` countries spread evenly over it), scored leniently: does the answer name the
+    capital?"""
+    task = dataclasses.replace(capitals(), name=TASK_NAME, metric="accuracy", primary="accuracy")
+    return evenly_spaced(task, limit)
 
 
 def single_token_names(tokenizer: Tokenizer, task: Task) -> tuple[int, set[str]]:
@@ -115,13 +137,16 @@ def accepted(example: Example) -> set[str]:
 
 @dataclass(frozen=True)
 class SwapRates:
-    """Per k, the share of answers that are the original capital and that are the injected one."""
+    """Per k, the share of answers that are the original capital and that are the injected one (with 95% Wilson
+    intervals over the pairs)."""
 
     num_layers: int
     pairs: int
     ks: list[int]
     original: list[float]
     injected: list[float]
+    original_interval: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    injected_interval: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,41 +157,49 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
              progress: bool = True) -> Path:
     """Run (or continue) the swap experiment into out_dir/swap.jsonl; returns that path.
 
-    limit: consider only the first `limit` countries of the capitals data.
+    limit: consider `limit` countries of the capitals data, spread evenly over it.
     """
     L = model.config.num_layers
     ks = [k for k in grid.values(L) if k < L]
     task = swap_task(limit)
     position, single = single_token_names(tokenizer, task)
-    log = ResultLog(Path(out_dir) / SWAP_FILE, SWAP_FILE)
-    log.check_same_run(model=model_name, dtype=dtype_name(model), num_layers=L)
-    try:
-        # 1. Which of the single-token countries the model knows.
-        candidates = [example for example in task.examples if example.id in single]
-        baseline = Condition(BASELINE, L)
-        for batch in length_sorted_batches(task, candidates, tokenizer, batch_size):
-            indices = missing(log, batch, baseline)
-            if indices:
-                prompt_states = batch_prompt_states(model, tokenizer, batch)
-                generations = generate_answers(model, tokenizer, batch, None, prompt_states)
-                for index in indices:
-                    log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
-                log.flush()
-        known = [example for example in candidates
-                 if log.done[baseline.key(TASK_NAME, example.id)]["scores"]["accuracy"] == 1.0]
+    candidates = [example for example in task.examples if example.id in single]
+    baseline = Condition(BASELINE, L)
+    baseline_batches = length_sorted_batches(task, candidates, tokenizer, batch_size)
+    settings = {"batch_size": batch_size, "tasks": {TASK_NAME: task_manifest(task, tokenizer)},
+                "layers": ks, "seed": seed}
+    with claimed_folder(out_dir, SWAP_FILE) as folder:
+        claim_manifest(folder, model_manifest(model, model_name), "swap", settings)
+        log = ResultLog(folder / SWAP_FILE, SWAP_FILE)
+        check_records_match(log.done, [(baseline.key(TASK_NAME, example.id), list(prompt), list(example.golds))
+                                       for batch in baseline_batches
+                                       for example, prompt in zip(batch.examples, batch.prompts)], folder)
+        try:
+            # 1. Which of the single-token countries the model knows.
+            for batch in baseline_batches:
+                indices = missing(log, batch, baseline)
+                if indices:
+                    generations = generate_answers(model, tokenizer, batch, None,
+                                                   batch_prompt_states(model, tokenizer, batch))
+                    for index in indices:
+                        log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
+                    log.flush()
+            known = [example for example in candidates
+                     if log.done[baseline.key(TASK_NAME, example.id)]["scores"]["accuracy"] == 1.0]
 
-        # 2. Each pair's country token swapped at every k.
-        pairs = pair_up(known, seed)
-        donor_of = {recipient.id: donor for recipient, donor in pairs}
-        batches = length_sorted_batches(task, [recipient for recipient, _ in pairs], tokenizer, batch_size)
-        with tqdm(total=len(batches) * len(ks), unit="batch", desc="swap", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for batch in batches:
-                donors = [donor_of[example.id] for example in batch.examples]
-                swap_batch(model, tokenizer, batch, donors, position, ks, log, model_name)
-                bar.update(len(ks))
-    finally:
-        log.close()
+            # 2. Each pair's country token swapped at every k.
+            pairs = pair_up(known, seed)
+            donor_of = {recipient.id: donor for recipient, donor in pairs}
+            batches = length_sorted_batches(task, [recipient for recipient, _ in pairs], tokenizer, batch_size)
+            with tqdm(total=len(batches) * len(ks), unit="batch", desc="swap", file=sys.stderr,
+                      disable=not progress, dynamic_ncols=True) as bar:
+                for batch in batches:
+                    donors = [donor_of[example.id] for example in batch.examples]
+                    swap_batch(model, tokenizer, batch, donors, position, ks, log, model_name)
+                    bar.update(len(ks))
+        finally:
+            log.close()
+        log.path.touch()  # a model that knows no single-token country still leaves its (empty) result
     return log.path
 
 
@@ -209,9 +242,13 @@ def swap_rates(out_dir: str | os.PathLike) -> SwapRates:
     if not path.exists():
         raise SweepError(f"{out_dir}: no swap results ({SWAP_FILE})")
     records = read_records([path])
-    if not records:
-        raise SweepError(f"{path}: no records")
-    L = next(iter(records.values()))["num_layers"]
+    manifest = Path(out_dir) / MANIFEST_FILE
+    if records:
+        L = next(iter(records.values()))["num_layers"]
+    elif manifest.exists():
+        L = json.loads(manifest.read_text(encoding="utf-8"))["num_layers"]
+    else:
+        raise SweepError(f"{path}: no records, and no {MANIFEST_FILE} to say which model ran")
     swaps = [record for record in records.values() if record["kind"] == "swap"]
     if not swaps:  # the model knew no single-token country
         return SwapRates(L, 0, [], [], [])
@@ -225,5 +262,8 @@ def swap_rates(out_dir: str | os.PathLike) -> SwapRates:
         by_k[L].append({"original": baseline["scores"]["accuracy"],
                         "injected": accuracy(baseline["prediction"], donor_golds)["accuracy"]})
     ks = sorted(by_k)
-    rate = lambda k, answer: sum(scores[answer] for scores in by_k[k]) / len(by_k[k])  # noqa: E731
-    return SwapRates(L, len(pairs), ks, [rate(k, "original") for k in ks], [rate(k, "injected") for k in ks])
+    counts = {k: (sum(s["original"] for s in by_k[k]), sum(s["injected"] for s in by_k[k]), len(by_k[k])) for k in ks}
+    return SwapRates(L, len(pairs), ks, [counts[k][0] / counts[k][2] for k in ks],
+                     [counts[k][1] / counts[k][2] for k in ks],
+                     [wilson(int(counts[k][0]), counts[k][2]) for k in ks],
+                     [wilson(int(counts[k][1]), counts[k][2]) for k in ks])

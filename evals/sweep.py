@@ -12,15 +12,12 @@ For every task the sweep generates an answer to each example
 makes sense for a designed pair of prompts. The swap experiment (`evals.swap`)
 supplies them for the capitals task.
 
-Run directory
--------------
-    results.jsonl                   records of an unsharded run
-    results.shard-I-of-N.jsonl      records of shard I of N
+The result folder (record files, run manifest, lock) is `evals.results`; turning
+records into curves with intervals is `evals.aggregate`. Without a folder a sweep
+runs in memory and only returns its records and summaries.
 
-Each line is one record (see `make_record`): task, example id, kind, k, seed,
-prompt token ids, generation, prediction, scores, the manipulation's `to_dict()`
-and the model. Records carry no timestamps, so the same command gives the same
-bytes; a record's key is (task, example, kind, k, seed).
+`--limit N` means, everywhere in the harness: N examples spread evenly over the
+task (every len/N-th, from the first; see `evenly_spaced`).
 
 How the work is cut up, and why it makes resuming and sharding exact
 --------------------------------------------------------------------
@@ -36,9 +33,11 @@ numbers whether it runs first, after a resume, or in another shard. Hence:
   records are written (they are its last ones, so the file ends up byte-identical
   to an uninterrupted run's). A partial last line, left by a kill mid-write, is
   cut off before appending.
-- `--shard I/N`: shard I takes the units whose index is I-1 modulo N and writes
-  its own file; aggregation reads all files of the directory together.
-  (Two processes must never run the same shard into the same directory.)
+- `--shard I/N` (I counts from 1): shard I takes the units whose index is I-1
+  modulo N and writes its own file; aggregation reads all files of the folder
+  together. `--shard auto` takes I and N from torchrun or a Slurm job array (see
+  `Shard.from_environment` and docs/cluster.md). A second process writing the same
+  shard file is refused (see `evals.results.claimed_folder`).
 
 Below layer k every manipulation computes exactly what the baseline computes, so
 each batch is run once unmanipulated (`PromptStates`) and every condition of that
@@ -47,30 +46,33 @@ batch starts from the stored states at its own layer k.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from evals.aggregate import BASELINE, TaskSummary, aggregate
+from evals.results import (
+    RESULTS_GLOB,
+    ResultLog,
+    SweepError,
+    check_records_match,
+    claim_manifest,
+    claimed_folder,
+    make_record,
+    model_manifest,
+    sha256_json,
+)
 from evals.tasks import Example, Task
 from minillm.generate import PromptStates, generate_tokens
 from minillm.manipulation import KIND_FACTS, Manipulation
 from minillm.model import Transformer
 from minillm.tokenizer import Tokenizer
 
-BASELINE = "baseline"
 SWEEP_KINDS = tuple(kind for kind, facts in KIND_FACTS.items() if not facts.donor)
-RESULTS_GLOB = "results*.jsonl"
-
-
-class SweepError(ValueError):
-    """Arguments a sweep cannot run with, or a run directory it cannot continue."""
 
 
 # ----------------------------------------------------------------------------- what to run
@@ -87,7 +89,7 @@ class LayerGrid:
     step: int = 1
 
     @classmethod
-    def parse(cls, spec: str) -> "LayerGrid":
+    def parse(cls, spec: str) -> LayerGrid:
         """'all' (every k) or 'START:STOP:STEP' such as '0:30:3' or '0::3'."""
         if spec == "all":
             return cls()
@@ -107,8 +109,10 @@ class LayerGrid:
     def values(self, num_layers: int) -> list[int]:
         """The grid's k values for a model of num_layers layers (an error if it reaches past L)."""
         stop = num_layers if self.stop is None else self.stop
-        if stop > num_layers:
-            raise SweepError(f"--layers reaches k={stop}, but the model has {num_layers} layers (k <= {num_layers})")
+        for end in (self.start, stop):
+            if end > num_layers:
+                raise SweepError(f"--layers reaches k={end}, but the model has {num_layers} layers "
+                                 f"(k <= {num_layers})")
         return list(range(self.start, stop + 1, self.step))
 
 
@@ -130,7 +134,7 @@ class Condition:
     seed: int | None = None
 
     def key(self, task: str, example: str) -> tuple:
-        """The key of the record for one example under this condition (see `record_key`)."""
+        """The key of the record for one example under this condition (see `evals.results.record_key`)."""
         return task, example, self.kind, self.k, self.seed
 
     def manipulation(self) -> Manipulation | None:
@@ -160,26 +164,13 @@ def conditions(kinds: Sequence[str], grid: LayerGrid, seeds: int, num_layers: in
     return runs
 
 
-def evenly_spaced(task: Task, count: int | None) -> Task:
-    """The task with `count` of its examples, spread evenly over it (all of them for None).
-
-    Neighbouring examples often share a source (fanoutqa lists the sub-questions of one question
-    together), so a spread sample is more representative than the first `count`.
-    """
-    if count is None or count >= len(task.examples):
-        return task
-    if count < 1:
-        raise SweepError(f"--limit must be at least 1, got {count}")
-    step = len(task.examples) / count
-    return dataclasses.replace(task, examples=tuple(task.examples[int(i * step)] for i in range(count)))
-
-
 @dataclass(frozen=True)
 class Batch:
-    """Examples of one task that are generated together, with their prompt token ids."""
+    """Examples of one task that are generated together, with their prompts (text and token ids)."""
 
     task: Task
     examples: tuple[Example, ...]
+    texts: tuple[str, ...]
     prompts: tuple[tuple[int, ...], ...]
 
 
@@ -188,28 +179,73 @@ def length_sorted_batches(task: Task, examples: Sequence[Example], tokenizer: To
     """Batches of `batch_size` examples in order of prompt length (ties: given order), so little padding."""
     if batch_size < 1:
         raise SweepError(f"--batch-size must be at least 1, got {batch_size}")
-    prompts = [tuple(tokenizer.encode(task.prompt(example))) for example in examples]
+    texts = [task.prompt(example) for example in examples]
+    prompts = [tuple(tokenizer.encode(text)) for text in texts]
     order = sorted(range(len(prompts)), key=lambda index: (len(prompts[index]), index))
-    return [Batch(task, tuple(examples[i] for i in chunk), tuple(prompts[i] for i in chunk))
+    return [Batch(task, tuple(examples[i] for i in chunk), tuple(texts[i] for i in chunk),
+                  tuple(prompts[i] for i in chunk))
             for chunk in (order[start:start + batch_size] for start in range(0, len(order), batch_size))]
+
+
+def task_manifest(task: Task, tokenizer: Tokenizer) -> dict:
+    """What must not change between the runs that fill one folder with a task's records."""
+    return {"examples": len(task.examples),
+            "examples_sha256": sha256_json([[e.id, e.fields, list(e.golds)] for e in task.examples]),
+            "prompts_sha256": sha256_json([tokenizer.encode(task.prompt(example)) for example in task.examples]),
+            "template": task.template, "shots": [shot.id for shot in task.shots],
+            "max_new_tokens": task.max_new_tokens, "metric": task.primary, "stop": list(task.stop)}
+
+
+def unique_names(tasks: Sequence[Task]) -> None:
+    """Refuse two tasks of one name: their records would share keys, and one would pass for the other."""
+    seen = set()
+    for task in tasks:
+        if task.name in seen:
+            raise SweepError(f"two tasks are named {task.name!r}: give them distinct names (records are keyed "
+                             "by task name)")
+        seen.add(task.name)
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard `index` (1-based) of `count`: the work units whose position is index-1 modulo count."""
+    """Shard `index` of `count`, counted from 1 (1/4 ... 4/4): the work units whose position is index-1 modulo count."""
 
     index: int = 1
     count: int = 1
 
     @classmethod
-    def parse(cls, spec: str) -> "Shard":
+    def parse(cls, spec: str, environment: Mapping[str, str] = os.environ) -> Shard:
+        """'I/N' with 1 <= I <= N, or 'auto' (from torchrun or a Slurm job array: `from_environment`)."""
+        if spec == "auto":
+            return cls.from_environment(environment)
         try:
             index, count = (int(part) for part in spec.split("/"))
         except ValueError:
-            raise SweepError(f"--shard must be I/N with whole numbers (e.g. 2/4), got {spec!r}") from None
-        if not 1 <= index <= count:
-            raise SweepError(f"--shard {spec!r}: need 1 <= I <= N")
+            raise SweepError(f"--shard must be I/N with whole numbers, I counted from 1 (e.g. 2/4), or auto; "
+                             f"got {spec!r}") from None
+        if count < 1 or not 1 <= index <= count:
+            hint = f" (shards count from 1: 1/{count} ... {count}/{count})" if index == 0 and count >= 1 else ""
+            raise SweepError(f"--shard {spec!r}: need 1 <= I <= N{hint}")
         return cls(index, count)
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str]) -> Shard:
+        """The shard of this process under torchrun (RANK, WORLD_SIZE) or a Slurm job array.
+
+        Slurm numbers array tasks from SLURM_ARRAY_TASK_MIN (often 0, sometimes 1) in steps of
+        SLURM_ARRAY_TASK_STEP; torchrun numbers ranks from 0. Both become I = position + 1.
+        """
+        if "WORLD_SIZE" in environment and "RANK" in environment:
+            rank, size = int(environment["RANK"]), int(environment["WORLD_SIZE"])
+            return cls(rank + 1, size)
+        if "SLURM_ARRAY_TASK_ID" in environment and "SLURM_ARRAY_TASK_COUNT" in environment:
+            first = int(environment.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(environment.get("SLURM_ARRAY_TASK_STEP", "1"))
+            position = (int(environment["SLURM_ARRAY_TASK_ID"]) - first) // step
+            return cls(position + 1, int(environment["SLURM_ARRAY_TASK_COUNT"]))
+        raise SweepError("--shard auto: found neither torchrun's RANK/WORLD_SIZE nor a Slurm array's "
+                         "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT in the environment; give --shard I/N "
+                         "(I counted from 1)")
 
     @property
     def filename(self) -> str:
@@ -217,81 +253,6 @@ class Shard:
 
     def owns(self, unit_index: int) -> bool:
         return unit_index % self.count == self.index - 1
-
-
-# ----------------------------------------------------------------------------- result files
-
-def record_key(record: dict) -> tuple:
-    """What identifies a record: (task, example id, kind, k, seed)."""
-    return record["task"], record["example"], record["kind"], record["k"], record["seed"]
-
-
-def complete_lines(path: Path) -> tuple[list[dict], int]:
-    """The records of a JSON-lines file and the byte length of its complete lines.
-
-    A last line without its newline is a write that was cut short (or, in another shard's file,
-    one still being written): it is not a record.
-    """
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    records = []
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise SweepError(f"{path}:{number}: not a JSON record ({error.msg}); "
-                             "fix or remove the line to continue") from None
-    return records, end
-
-
-def read_records(paths: Iterable[Path]) -> dict[tuple, dict]:
-    """All records of these files by key; a key found twice keeps its first record."""
-    records: dict[tuple, dict] = {}
-    for path in sorted(paths):
-        for record in complete_lines(path)[0]:
-            records.setdefault(record_key(record), record)
-    return records
-
-
-class ResultLog:
-    """One process's result file, appended to, and the records the whole directory already holds.
-
-    The file is created at the first record, so a run refused before any work leaves no file behind.
-    """
-
-    def __init__(self, path: Path, siblings_glob: str):
-        if path.exists():
-            _, end = complete_lines(path)
-            with open(path, "r+b") as existing:  # drop a partial last line left by a kill mid-write
-                existing.truncate(end)
-        self.done = read_records(path.parent.glob(siblings_glob))
-        self.path = path
-        self._file = None
-
-    def check_same_run(self, **expected) -> None:
-        """Refuse to mix records of another model (or dtype, depth) into this directory."""
-        for record in self.done.values():
-            for field, value in expected.items():
-                if record[field] != value:
-                    raise SweepError(f"{self.path.parent} holds results for {field} {record[field]!r}, this run "
-                                     f"has {value!r}: use another output directory")
-
-    def write(self, record: dict) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.done[record_key(record)] = record
-
-    def flush(self) -> None:
-        """Push what was written to disk: what a kill leaves is then at most one partial line."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 # ----------------------------------------------------------------------------- generating and scoring
@@ -321,45 +282,22 @@ def batch_prompt_states(model: Transformer, tokenizer: Tokenizer, batch: Batch) 
     return PromptStates.compute(model, batch.prompts, batch.task.max_new_tokens, pad_id=tokenizer.pad_id)
 
 
-def dtype_name(model: Transformer) -> str:
-    return str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-
-
-def make_record(batch: Batch, index: int, condition: Condition, manipulation: Manipulation | None,
-                generation: str, model: Transformer, model_name: str) -> dict:
-    """The JSON record of one answer: what was asked, what came back, how it scored, under what."""
-    task, example = batch.task, batch.examples[index]
-    return {
-        "task": task.name,
-        "example": example.id,
-        "kind": condition.kind,
-        "k": condition.k,
-        "seed": condition.seed,
-        "num_layers": model.config.num_layers,
-        "model": model_name,
-        "dtype": dtype_name(model),
-        "metric": task.primary,
-        "chance": task.chance,
-        "prompt_ids": list(batch.prompts[index]),
-        "generation": generation,
-        "prediction": task.postprocess(generation),
-        "golds": list(example.golds),
-        "scores": task.score(generation, example),
-        "manipulation": None if manipulation is None else manipulation.to_dict(),
-    }
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str], grid: LayerGrid,
-         seeds: int, batch_size: int) -> list[tuple[Batch, Condition]]:
-    """Every work unit of the sweep, in a fixed order: task by task, batch by batch, condition by condition."""
+         seeds: int, batch_size: int) -> tuple[list[tuple[Batch, Condition]], dict]:
+    """Every work unit of the sweep, in a fixed order (task by task, batch by batch, condition by condition),
+    and the sweep's settings for the run manifest."""
+    unique_names(tasks)
     runs = conditions(kinds, grid, seeds, model.config.num_layers)
-    units = []
+    units, manifests = [], {}
     for task in tasks:
-        for batch in length_sorted_batches(task, task.examples, tokenizer, batch_size):
-            units += [(batch, condition) for condition in runs]
-    return units
+        batches = length_sorted_batches(task, task.examples, tokenizer, batch_size)
+        units += [(batch, condition) for batch in batches for condition in runs]
+        manifests[task.name] = task_manifest(task, tokenizer)
+    settings = {"batch_size": batch_size, "tasks": manifests, "kinds": sorted(set(kinds)),
+                "layers": sorted({condition.k for condition in runs[1:]}), "seeds": seeds}
+    return units, settings
 
 
 def work(batch: Batch, indices: Iterable[int]) -> int:
@@ -373,14 +311,40 @@ def missing(log: ResultLog, batch: Batch, condition: Condition) -> list[int]:
             if condition.key(batch.task.name, example.id) not in log.done]
 
 
+@dataclass
+class SweepResult:
+    """What a sweep returns: its records (this shard's), the curves they give, and its file when written."""
+
+    records: list[dict]
+    summaries: dict[str, TaskSummary]
+    path: Path | None = None
+
+
 def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str],
-              grid: LayerGrid, out_dir: str | os.PathLike, *, model_name: str, seeds: int = 1,
-              batch_size: int = 8, shard: Shard = Shard(), progress: bool = True) -> Path:
-    """Run (or continue) this shard's part of the sweep into out_dir; returns its result file."""
-    units = [unit for index, unit in enumerate(plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size))
-             if shard.owns(index)]
-    log = ResultLog(Path(out_dir) / shard.filename, RESULTS_GLOB)
-    log.check_same_run(model=model_name, dtype=dtype_name(model), num_layers=model.config.num_layers)
+              grid: LayerGrid, out_dir: str | os.PathLike | None = None, *, seeds: int = 1, batch_size: int = 16,
+              shard: Shard | None = None, model_name: str = "model", progress: bool = True) -> SweepResult:
+    """Run this shard's part of the sweep, in memory, or into out_dir (continuing what it holds).
+
+    With out_dir, the folder's run manifest must agree with this run (see `evals.results`), and
+    the records go to the shard's file as they come.
+    """
+    shard = shard or Shard()
+    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size)
+    units = [unit for index, unit in enumerate(planned) if shard.owns(index)]
+    if out_dir is None:
+        return execute(model, tokenizer, units, ResultLog(None, RESULTS_GLOB), model_name, progress)
+    with claimed_folder(out_dir, shard.filename) as folder:
+        claim_manifest(folder, model_manifest(model, model_name), "sweep", settings)
+        log = ResultLog(folder / shard.filename, RESULTS_GLOB)
+        check_records_match(log.done, [(condition.key(batch.task.name, example.id), list(prompt), list(example.golds))
+                                       for batch, condition in units
+                                       for example, prompt in zip(batch.examples, batch.prompts)], folder)
+        return execute(model, tokenizer, units, log, model_name, progress)
+
+
+def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[tuple[Batch, Condition]], log: ResultLog,
+            model_name: str, progress: bool) -> SweepResult:
+    """Generate the records of every unit that the log does not hold yet; return all the units' records."""
     todo = [(batch, condition, missing(log, batch, condition)) for batch, condition in units]
     # Progress in tokens (prompt + answer budget), a fair measure of cost across tasks, so the ETA holds.
     total = sum(work(batch, range(len(batch.examples))) for batch, _ in units)
@@ -404,63 +368,6 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
                 bar.update(work(batch, indices))
     finally:
         log.close()
-    return log.path
-
-
-# ----------------------------------------------------------------------------- aggregation
-
-@dataclass(frozen=True)
-class Point:
-    k: int
-    score: float  # mean primary score over examples (and seeds)
-    count: int  # records averaged
-
-
-@dataclass(frozen=True)
-class TaskSummary:
-    """One task's curves: mean primary score per kind and k, with the baseline and the chance level."""
-
-    task: str
-    metric: str
-    chance: float
-    num_layers: int
-    baseline: Point
-    curves: dict[str, list[Point]]  # kind -> points by k, ending with the baseline at k = L
-
-    def to_dict(self) -> dict:
-        as_dict = lambda point: {"k": point.k, "score": point.score, "count": point.count}  # noqa: E731
-        return {"task": self.task, "metric": self.metric, "chance": self.chance, "num_layers": self.num_layers,
-                "baseline": as_dict(self.baseline),
-                "curves": {kind: [as_dict(point) for point in points] for kind, points in self.curves.items()}}
-
-
-def aggregate(records: Iterable[dict]) -> dict[str, TaskSummary]:
-    """Per task, the mean primary score for each (kind, k); tasks without a baseline are left out."""
-    scores: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    about: dict[str, dict] = {}
-    for record in records:
-        scores[record["task"], record["kind"], record["k"]].append(record["scores"][record["metric"]])
-        about.setdefault(record["task"], record)
-    means = {key: Point(key[2], sum(values) / len(values), len(values)) for key, values in scores.items()}
-
-    summaries = {}
-    for task, record in about.items():
-        L = record["num_layers"]
-        baseline = means.get((task, BASELINE, L))
-        if baseline is None:
-            continue
-        curves = defaultdict(list)
-        for (curve_task, kind, _), point in sorted(means.items(), key=lambda item: (item[0][1], item[0][2])):
-            if curve_task == task and kind != BASELINE:
-                curves[kind].append(point)
-        summaries[task] = TaskSummary(task, record["metric"], record["chance"], L, baseline,
-                                      {kind: points + [baseline] for kind, points in curves.items()})
-    return summaries
-
-
-def load_results(out_dir: str | os.PathLike) -> dict[tuple, dict]:
-    """Every sweep record of a run directory (all shards), by key."""
-    paths = list(Path(out_dir).glob(RESULTS_GLOB))
-    if not paths:
-        raise SweepError(f"{out_dir}: no sweep results (no {RESULTS_GLOB} files)")
-    return read_records(paths)
+    records = [log.done[condition.key(batch.task.name, example.id)] for batch, condition in units
+               for example in batch.examples]
+    return SweepResult(records, aggregate(records), log.path)

@@ -27,8 +27,7 @@ import torch
 
 import minillm
 from evals.metrics import METRICS
-from evals.sweep import evenly_spaced
-from evals.tasks import capitals
+from evals.tasks import capitals, evenly_spaced
 from minillm.analysis import (
     attention_probabilities,
     layer_norms,

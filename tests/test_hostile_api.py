@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoint import write_checkpoint
 
 import minillm
 from minillm import errors
 from minillm.errors import ManipulationError, MinillmError, UsageError
 from minillm.generate import Sampling, generate_tokens
+
+from tiny_checkpoint import write_checkpoint
 
 
 @pytest.fixture(scope="module")

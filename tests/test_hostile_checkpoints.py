@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from minillm.checkpoint import load_model
+from minillm.cli import main
+
 from tiny_checkpoint import (
     CONFIG,
     assert_one_line_error,
@@ -28,9 +32,6 @@ from tiny_checkpoint import (
     write_checkpoint,
     write_safetensors,
 )
-
-from minillm.checkpoint import load_model
-from minillm.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 UP_PROJ = "model.layers.1.mlp.up_proj.weight"

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tiny_checkpoint import CONFIG, read_safetensors, write_checkpoint
 
 import minillm
 from minillm.checkpoint import load_model
 from minillm.errors import MinillmError
+
+from tiny_checkpoint import CONFIG, read_safetensors, write_checkpoint
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from evals.aggregate import Point, TaskSummary, aggregate
+from evals.cli import main
 from evals.report import crossover_layer, recovery_layer, verdict
+from evals.results import SweepError, load_results
 from evals.swap import SwapRates
-from evals.sweep import (LayerGrid, Point, Shard, SweepError, TaskSummary, aggregate, evenly_spaced, load_results,
-                         run_sweep)
-from evals.tasks import TASKS, get_task
+from evals.sweep import LayerGrid, Shard, run_sweep
+from evals.tasks import TASKS, evenly_spaced, get_task
 from minillm.checkpoint import load_model
-from minillm.cli import main
-from minillm.config import ModelConfig
-from minillm.model import Transformer
 from minillm.tokenizer import load_tokenizer
+
+from tiny_checkpoint import write_tiny_checkpoint
 
 TINY_LAYERS = 4
 
@@ -41,28 +40,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A checkpoint folder: a random 4-layer Llama and a byte-level tokenizer (256 bytes + an EOS)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    byte_vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    byte_vocab["<eos>"] = len(byte_vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(byte_vocab), "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": TINY_LAYERS, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 512, "eos_token_id": byte_vocab["<eos>"]}
-    (folder / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_hf(config))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3) if parameter.dim() > 1 else parameter.uniform_(0.5, 1.5)
-    weights = {("" if name == "lm_head.weight" else "model.") + name: tensor.contiguous()
-               for name, tensor in model.state_dict().items()}
-    save_file(weights, str(folder / "model.safetensors"))
-    return folder
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TINY_LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +48,12 @@ def tiny(tiny_dir):
     return load_model(tiny_dir), load_tokenizer(tiny_dir)
 
 
-def small_sweep(tiny, out_dir, shard=Shard(), **options):
+def small_sweep(tiny, out_dir, shard=None, **options):
+    """The path of the records file of a small sweep into out_dir."""
     model, tokenizer = tiny
     tasks = [get_task("capitals", limit=5), get_task("fanoutqa", limit=3)]
     return run_sweep(model, tokenizer, tasks, ["random", "freeze", "skip_attention"], LayerGrid.parse("0::2"),
-                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard, progress=False, **options)
+                     out_dir, model_name="tiny", seeds=2, batch_size=2, shard=shard or Shard(), progress=False, **options).path
 
 
 def lines(path: Path) -> list[str]:
@@ -108,7 +87,7 @@ def test_a_rerun_after_a_kill_mid_run_finishes_with_the_same_file(tiny, tmp_path
     reference = small_sweep(tiny, tmp_path / "reference")
 
     # Kill the run after 23 records, in the middle of a work unit...
-    from evals.sweep import ResultLog
+    from evals.results import ResultLog
 
     write = ResultLog.write
     written = []
@@ -184,7 +163,7 @@ def test_cli_sweep_swap_and_report_end_to_end(tiny_dir, tmp_path, capsys):
     (["--layers", "0:9:3"], "reaches k=9, but the model has 4 layers"),
     (["--shard", "3/2"], "need 1 <= I <= N"),
     (["--shard", "one/two"], "--shard must be I/N"),
-    (["--limit", "0"], "--limit must be at least 1"),
+    (["--limit", "0"], "argument --limit: must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
@@ -239,6 +218,8 @@ def test_verdict_places_the_recovery_against_the_papers_range(recovered_at, expe
 def test_verdict_of_a_curve_near_chance_claims_nothing():
     points = curve((0, 0.0), (30, 0.02))
     assert verdict(summary_of(points, baseline=0.02), points, 0).startswith("baseline within 0.05 of chance")
+    unknown = summary_of(points, chance=float("nan"))  # one example: no other example's answer to score
+    assert verdict(unknown, points, 0).startswith("chance level unknown")
 
 
 def test_verdict_of_a_curve_that_recovers_only_at_the_baseline():
@@ -278,3 +259,23 @@ def test_smollm2_follows_a_country_swapped_low_and_ignores_it_at_the_top(smollm2
     assert rates.injected[0] > rates.original[0]  # swapped at the bottom: the injected country is followed
     assert rates.original[1] > rates.injected[1]  # swapped at the last layer: ignored
     assert (rates.original[2], rates.injected[2]) == (1.0, 0.0)  # no swap: every recipient's own capital
+
+
+def test_swap_verdict_uses_the_intervals_of_the_rates():
+    from evals.report import crossover_range, swap_verdict
+    from evals.stats import wilson
+
+    def rates_of(pairs, original_wins):  # original_wins[k]: how many of the pairs give the original capital
+        ks = list(range(len(original_wins)))
+        return SwapRates(num_layers=ks[-1], pairs=pairs, ks=ks, original=[w / pairs for w in original_wins],
+                         injected=[1 - w / pairs for w in original_wins],
+                         original_interval=[wilson(w, pairs) for w in original_wins],
+                         injected_interval=[wilson(pairs - w, pairs) for w in original_wins])
+
+    many = rates_of(60, [0, 0, 0, 55, 58, 60, 60])  # L = 6: top third from k = 4; clear from k = 3
+    assert crossover_range(many) == (3, 3) and swap_verdict(many) == "agrees"
+    few = rates_of(4, [0, 0, 1, 3, 3, 4, 4])  # 3 of 4 is not clearly more than 1 of 4
+    assert crossover_range(few) == (2, 5)
+    assert swap_verdict(few).startswith("too few pairs to tell")
+    late = rates_of(60, [0, 0, 0, 0, 0, 2, 60])
+    assert swap_verdict(late) == "a smaller top part here"

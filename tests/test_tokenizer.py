@@ -112,9 +112,10 @@ def llama_cpp(smollm2_gguf):
     params.model.path = str(smollm2_gguf)
     params.n_ctx, params.port, params.warmup = 256, 0, False  # port 0: any free port on 127.0.0.1
     server = xllamacpp.Server(params)
+    address = server.listening_address
 
     def post(endpoint: str, body: dict) -> dict:
-        request = urllib.request.Request(server.listening_address + endpoint, data=json.dumps(body).encode(),
+        request = urllib.request.Request(address + endpoint, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)

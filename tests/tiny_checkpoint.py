@@ -1,7 +1,9 @@
-"""A tiny random Llama checkpoint in Hugging Face's layout, and tools to damage it (for the hostile-input tests).
+"""Tiny random Llama checkpoints in Hugging Face's layout, for tests.
 
-The folder holds what a real checkpoint holds: config.json, model.safetensors (Hugging Face
-tensor names), a tokenizer.json built with the `tokenizers` library and a tokenizer_config.json.
+`write_checkpoint`: 2 layers and a word-level tokenizer, with tools to damage it (the hostile-input tests).
+`write_tiny_checkpoint`: 4 layers and a byte-level tokenizer, so any text encodes (the harness tests: a
+sweep over a few examples takes a second or two). Both are ordinary checkpoint folders that the CLI loads
+by path like any other model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from minillm.config import ModelConfig
 from minillm.model import Transformer
@@ -89,3 +91,28 @@ def change_header(path: Path, change) -> None:
     header, data = read_safetensors(path)
     changed = change(header)
     write_safetensors(path, header if changed is None else changed, data)
+
+
+def write_tiny_checkpoint(folder: Path, num_layers: int = 4) -> Path:
+    """A random Llama (seeded) and a byte-level tokenizer (256 bytes + an EOS) in `folder`."""
+    byte_vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab["<eos>"] = len(byte_vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "add_bos_token": False}))
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(byte_vocab), "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096, "eos_token_id": byte_vocab["<eos>"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(config))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3) if parameter.dim() > 1 else parameter.uniform_(0.5, 1.5)
+    weights = {("" if name == "lm_head.weight" else "model.") + name: tensor.contiguous()
+               for name, tensor in model.state_dict().items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
