@@ -16,11 +16,10 @@ Greedy decoding, fp32, the embedded SmolLM2-135M; capitals three-shot (64 exampl
 spread evenly over its task. Records go to OUT/records-TASK.jsonl (one line per answer; a rerun skips what
 is there), then OUT/summary.json, OUT/summary.csv, OUT/windows.png (+ .csv) and OUT/sink.png.
 
-Intervals (95%): exact match of a deterministic condition, Wilson over the n examples; random, a
-percentile bootstrap over examples of each example's mean over the seeds (2000 resamples, seed 0);
-differences between two conditions (spared vs not, the paper's random vs ours), a paired bootstrap over
-examples. These three functions are the section "Intervals" below, kept apart so that the harness's
-evals.stats can replace them.
+Intervals (95%, `evals.stats`): exact match of a deterministic condition, Wilson over the n examples;
+random, a seeded percentile bootstrap over examples of each example's mean over the seeds. Differences
+between two conditions on the same examples (spared vs not, the paper's random vs ours): Newcombe's paired
+interval for two deterministic conditions, a paired bootstrap when seeds are averaged.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +36,8 @@ import numpy as np
 import torch
 
 import minillm
+from evals import stats
+from evals.aggregate import RECOVERY
 from evals.plots import plot_window_heatmap
 from evals.tasks import get_task
 from minillm.generate import PromptStates, generate_tokens
@@ -54,7 +54,6 @@ SINK_LAYERS = {"capitals": (16, 18, 20, 22, 24, 26, 28), "context-qa": (18, 22, 
 WINDOWS = (1, 2, 3)
 WINDOW_STEP = 3  # k = 0, 3, 6, ...
 PAPER_LAYERS = (24, 26)  # where our random recovers on capitals; faithful mode reruns every step
-RECOVERED = 0.9  # a curve recovers from the smallest k whose every measured k' >= k keeps 90% of the baseline
 
 
 @dataclass(frozen=True)
@@ -162,35 +161,6 @@ def run_task(model, tokenizer, name: str, out: Path) -> None:
             print(f"{name} [{number}/{len(todo)}] {condition.name}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- intervals
-
-Z95 = 1.959963984540054
-RESAMPLES = 2000
-
-
-def wilson(successes: float, n: int) -> tuple[float, float]:
-    """Wilson score interval (95%) for a proportion."""
-    p = successes / n
-    denominator = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denominator
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap(values: np.ndarray) -> tuple[float, float]:
-    """Percentile bootstrap (95%) of the mean over examples (values [n]: one number per example)."""
-    rng = np.random.default_rng(0)
-    means = values[rng.integers(0, len(values), (RESAMPLES, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def interval(per_example: np.ndarray, seeded: bool) -> tuple[float, float]:
-    """Wilson for one deterministic run of exact match; the bootstrap over examples for seed means."""
-    if seeded:
-        return bootstrap(per_example)
-    return wilson(float(per_example.sum()), len(per_example))
-
-
 # ----------------------------------------------------------------------------- summary
 
 def summarize(out: Path) -> dict:
@@ -205,8 +175,9 @@ def summarize(out: Path) -> dict:
         table[r["task"]][r["curve"]][r["k"]][r["example"]].append(r["score"])
         if r["seed"] is not None:
             seeds_of[(r["task"], r["curve"])].add(r["seed"])
-    summary = {"tasks": {}, "intervals": "Wilson (deterministic runs) or bootstrap over examples of the seed mean "
-                                         "(random); paired bootstrap over examples for differences; 95%"}
+    summary = {"tasks": {}, "intervals": "95%, evals.stats: Wilson (one deterministic run) or a bootstrap over "
+                                         "examples of the seed mean (random); differences paired by example "
+                                         "(Newcombe for two deterministic runs, else a paired bootstrap)"}
     rows = []
     for task, curves in table.items():
         baseline_examples = curves["baseline"][max(curves["baseline"])]
@@ -216,9 +187,9 @@ def summarize(out: Path) -> dict:
         # "kept": the share of the answers the model gets right unmanipulated that stay right
         right = np.array([baseline_examples[e][0] == 1.0 for e in examples])
         task_summary = {"n": len(examples), "num_layers": L, "baseline": base,
-                        "baseline_ci": wilson(base * len(examples), len(examples)), "n_right": int(right.sum()),
+                        "baseline_ci": stats.wilson(int(right.sum()), len(examples)), "n_right": int(right.sum()),
                         "curves": {}}
-        per_example = {}  # (curve, k) -> [n] seed-mean per example
+        per_example = {}  # (curve, k) -> ([n] seed-mean per example, whether seeds were averaged)
         for curve, points in curves.items():
             if curve == "baseline":
                 continue
@@ -229,9 +200,9 @@ def summarize(out: Path) -> dict:
                 if sorted(by_example) != examples:
                     continue  # an unfinished condition
                 values = np.array([np.mean(by_example[e]) for e in examples])
-                per_example[(curve, k)] = values
-                low, high = interval(values, seeded)
-                kept_low, kept_high = interval(values[right], seeded)
+                per_example[(curve, k)] = values, seeded
+                low, high = stats.interval(values.tolist(), binary=not seeded)
+                kept_low, kept_high = stats.interval(values[right].tolist(), binary=not seeded)
                 entry = {"k": k, "k/L": k / L, "score": float(values.mean()), "low95": low, "high95": high,
                          "n": len(examples), "seeds": len(by_example[examples[0]]),
                          "kept": float(values[right].mean()), "kept_low95": kept_low, "kept_high95": kept_high,
@@ -260,26 +231,27 @@ COLUMNS = ["task", "curve", "k", "k/L", "score", "low95", "high95", "n", "seeds"
 
 
 def recovery(entries: list[dict], baseline: float, L: int) -> int:
-    """The smallest measured k from which every measured point keeps RECOVERED of the baseline (L: none)."""
+    """The smallest measured k from which every measured point keeps RECOVERY (90%) of the baseline (L: none)."""
     first = L
     for entry in sorted(entries, key=lambda e: -e["k"]):
-        if entry["score"] < RECOVERED * baseline:
+        if entry["score"] < RECOVERY * baseline:
             break
         first = entry["k"]
     return first
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
-    difference = a - b
-    low, high = bootstrap(difference)
-    return {"difference": float(difference.mean()), "low95": low, "high95": high, "n": len(difference)}
+def paired_difference(first: tuple[np.ndarray, bool], second: tuple[np.ndarray, bool]) -> dict:
+    """mean(first) - mean(second) over the same examples, with its 95% interval."""
+    (a, a_seeded), (b, b_seeded) = first, second
+    difference, low, high = stats.paired_difference(a.tolist(), b.tolist(), binary=not (a_seeded or b_seeded))
+    return {"difference": difference, "low95": low, "high95": high, "n": len(a)}
 
 
 def spared_minus_original(per_example: dict) -> dict:
     """For each kind and k: spare_first=1 minus the paper's (spare_first=0), per example, paired."""
     suffix = ", spare_first=1"
     result = {}
-    for (curve, k), values in per_example.items():
+    for (curve, k), values in per_example.items():  # values: (scores, seeded)
         if not curve.endswith(suffix):
             continue
         original = curve.removesuffix(suffix)
