@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/beyond_paper.py                      # both tasks, then the summary
     .venv/bin/python scripts/beyond_paper.py --task capitals      # one task (run the two side by side)
+    .venv/bin/python scripts/beyond_paper.py --task capitals --part paper    # one part of one task
     .venv/bin/python scripts/beyond_paper.py --summarize          # only the summary, from the records
 
 Three experiments (docs/REPRODUCTION.md, "Beyond the paper"), each beside the paper's manipulation:
@@ -13,8 +14,8 @@ Three experiments (docs/REPRODUCTION.md, "Beyond the paper"), each beside the pa
            ours (the same seeds, fixed noise) at PAPER_LAYERS (capitals only).
 
 Greedy decoding, fp32, the embedded SmolLM2-135M; capitals three-shot (64 examples), context-qa (24), each
-spread evenly over its task. Records go to OUT/records-TASK.jsonl (one line per answer; a rerun skips what
-is there), then OUT/summary.json, OUT/summary.csv, OUT/windows.png (+ .csv) and OUT/sink.png.
+spread evenly over its task. Records go to OUT/records-TASK-PART.jsonl (one line per answer; a rerun skips
+what is there), then OUT/summary.json, OUT/summary.csv, OUT/windows.png (+ .csv) and OUT/sink.png.
 
 Intervals (95%, `evals.stats`): exact match of a deterministic condition, Wilson over the n examples;
 random, a seeded percentile bootstrap over examples of each example's mean over the seeds. Differences
@@ -119,22 +120,29 @@ def answer_has_ended(text: str, stop) -> bool:
     return any(s and s in answer for s in stop)
 
 
-def run_task(model, tokenizer, name: str, out: Path) -> None:
+PARTS = ("baseline", "sink", "windows", "paper")
+
+
+def read_records(out: Path, pattern: str = "records-*.jsonl") -> list[dict]:
+    """The records of these files; a last line without its newline (a run killed mid-write) is not one."""
+    return [json.loads(line) for path in sorted(out.glob(pattern)) for line in path.read_text().split("\n")[:-1]]
+
+
+def run_task(model, tokenizer, name: str, out: Path, parts=PARTS) -> None:
     task = get_task(name, LIMITS[name])
     L = model.config.num_layers
-    path = out / f"records-{name}.jsonl"  # one file per task: the two can run side by side
-    done = set()
-    if path.exists():
-        done = {(r["task"], r["condition"], r["example"]) for r in map(json.loads, path.read_text().splitlines())}
+    done = {(r["task"], r["condition"], r["example"]) for r in read_records(out, f"records-{name}-*.jsonl")}
     examples = list(task.examples)
     prompts = [tokenizer.encode(task.prompt(example)) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))  # little padding
     batches = [order[i:i + BATCH[name]] for i in range(0, len(order), BATCH[name])]
     states = {}  # (mode, batch index) -> PromptStates, shared by every condition of that batch
-    todo = [c for c in conditions(name, L) if any((name, c.name, e.id) not in done for e in examples)]
+    todo = [c for c in conditions(name, L)
+            if c.part in parts and any((name, c.name, e.id) not in done for e in examples)]
     print(f"{name}: {len(todo)} conditions to run, {len(examples)} examples", file=sys.stderr)
-    with open(path, "a", encoding="utf-8") as log:
-        for number, condition in enumerate(todo, 1):
+    for number, condition in enumerate(todo, 1):
+        # one file per task and part: processes running different parts can share the folder
+        with open(out / f"records-{name}-{condition.part}.jsonl", "a", encoding="utf-8") as log:
             manipulation = condition.manipulation()
             for b, batch in enumerate(batches):
                 key = (condition.mode, b)
@@ -164,7 +172,7 @@ def run_task(model, tokenizer, name: str, out: Path) -> None:
 # ----------------------------------------------------------------------------- summary
 
 def summarize(out: Path) -> dict:
-    records = [json.loads(line) for path in sorted(out.glob("records-*.jsonl")) for line in path.read_text().splitlines()]
+    records = read_records(out)
     # task -> curve -> k -> example -> [scores over seeds]
     table = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     seeds_of = defaultdict(set)
@@ -300,6 +308,8 @@ def draw(summary: dict, out: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=list(LIMITS), action="append", help="default: both")
+    parser.add_argument("--part", choices=PARTS, action="append", help="default: all (parts of one task can run "
+                                                                       "side by side in separate processes)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--summarize", action="store_true", help="only summarise the records already there")
     args = parser.parse_args(argv)
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
         model, tokenizer = minillm.load("smollm2-135m")
         with torch.no_grad():
             for task in args.task or list(LIMITS):
-                run_task(model, tokenizer, task, args.out)
+                run_task(model, tokenizer, task, args.out, args.part or PARTS)
     summary = summarize(args.out)
     for task, info in summary["tasks"].items():
         print(f"{task}: baseline {info['baseline']:.3f} (n = {info['n']})")

@@ -14,12 +14,16 @@ import copy
 
 import pytest
 import torch
-from test_manipulations import (
+from test_manipulations import (  # noqa: F401 (smollm2, smollm2_hf: fixtures)
+    ONE_SHOT,
     PAIRED_KERNELS,
+    SMOLLM2_ATOL,
     TINY_ATOL,
     padded_batch,
     reference_manipulation,
     run,
+    smollm2,
+    smollm2_hf,
     tiny_pair,
     token_ids,
 )
@@ -297,3 +301,21 @@ def test_the_efficient_cache_keeps_the_layers_a_variant_reads():
     # above a window the layers attend again, and spared positions are read from k up: every layer's cache
     assert Manipulation("skip_attention", 20, window=3).cache_layers(L, efficient=True) == L
     assert Manipulation("skip_attention", 20, spare_first=1).cache_layers(L, efficient=True) == L
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M
+
+@pytest.mark.slow
+def test_sink_variants_match_the_hook_reference_on_smollm2(smollm2, smollm2_hf):  # noqa: F811 (fixtures)
+    """On the real model, where position 0 is the attention sink: each spare_first=1 variant and a skip_attention
+    window equal the reference, and sparing the sink changes the logits (it is not a no-op there)."""
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.encode(ONE_SHOT)])
+    for m in [Manipulation("random", 24, seed=7, spare_first=1), Manipulation("freeze", 20, spare_first=1),
+              Manipulation("skip_attention", 24, spare_first=1), Manipulation("skip_attention", 10, window=3)]:
+        ours = model(ids, manipulation=m)
+        with reference_manipulation(smollm2_hf, m.kind, m.layer, **options(m)):
+            reference = smollm2_hf(ids).logits
+        torch.testing.assert_close(ours, reference, atol=SMOLLM2_ATOL, rtol=0, msg=about(label(m)))
+        if m.spare_first:
+            assert (ours[:, -1] - model(ids, manipulation=original(m))[:, -1]).abs().max() > 1e-2, label(m)
