@@ -52,7 +52,7 @@ SEEDS = (0, 1, 2)
 # recover (the reproduction has every curve at chance below it); a run costs the depth above its k, and
 # context-qa's prompts are 8 times longer than capitals'.
 # In the order they run (the most telling first), so that a run cut short still has whole pairs.
-SINK_LAYERS = {"capitals": (24, 26, 22, 20, 28, 18, 16), "context-qa": (22, 26)}
+SINK_LAYERS = {"capitals": (24, 26, 22, 20, 28, 18, 16), "context-qa": (22, 26, 24, 28, 18)}
 WINDOWS = (1, 2, 3)
 WINDOW_STEP = 3  # k = 0, 3, 6, ...
 PAPER_LAYERS = (24,)  # where our random is half-way back on capitals; faithful mode reruns every step
