@@ -115,3 +115,41 @@ def plot_swap(rates: SwapRates, path: str | os.PathLike) -> list[Path]:
             writer.writerow([k, k / rates.num_layers, original, original_lo, original_hi, injected, injected_lo,
                              injected_hi, rates.pairs])
     return [path, table]
+
+
+def plot_window_heatmap(cells: dict[tuple[int, int], dict], baseline: float, num_layers: int, path: Path,
+                        title: str = "") -> list[Path]:
+    """Task score over (k, w) for a manipulation acting on layers k .. k+w-1 only: one row per window size w,
+    one column per k, each cell annotated with its score; cells not measured stay blank.
+
+    cells: (k, w) -> {"score", "low95", "high95", "n"}. Writes `path` (PNG) and the same name with .csv:
+    k, w, score, low95, high95, n, and the score over the baseline.
+    """
+    ks = sorted({k for k, _ in cells})
+    windows = sorted({w for _, w in cells})
+    grid = [[cells[(k, w)]["score"] if (k, w) in cells else math.nan for k in ks] for w in windows]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(ks) + 2), 0.7 * len(windows) + 1.8))
+    image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=max(baseline, 1e-9), aspect="auto")
+    for row, w in enumerate(windows):
+        for column, k in enumerate(ks):
+            if (k, w) in cells:
+                score = cells[(k, w)]["score"]
+                axis.text(column, row, f"{score:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if score < 0.6 * baseline else "black")
+    axis.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axis.set_yticks(range(len(windows)), [str(w) for w in windows])
+    axis.set_xlabel(f"k, the window's first layer (of L = {num_layers})")
+    axis.set_ylabel("w, layers in the window")
+    axis.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axis, label=f"score (baseline {baseline:.2f} = top of the scale)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    table = path.with_suffix(".csv")
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["k", "w", "score", "low95", "high95", "n", "score_over_baseline"])
+        for (k, w), cell in sorted(cells.items()):
+            ratio = cell["score"] / baseline if baseline else math.nan
+            writer.writerow([k, w, cell["score"], cell["low95"], cell["high95"], cell["n"], ratio])
+    return [path, table]

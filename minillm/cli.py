@@ -84,6 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ValueError("--manipulation needs --layer K (the first decoder layer whose view is altered)")
     elif args.layer is not None:
         raise ValueError("--layer only applies with --manipulation")
+    variant_flags = args.spare_first is not None or args.window is not None
+    if variant_flags and (not args.manipulation or takes_donor):
+        raise ValueError("--spare-first and --window only apply with --manipulation random, freeze or skip_attention")
     if takes_donor and None in (args.donor_prompt, args.position):
         raise ValueError(f"--manipulation {args.manipulation} needs --donor-prompt TEXT and --position J")
     if not takes_donor and any(flag is not None for flag in donor_flags):
@@ -93,7 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if takes_donor:
         manipulation = donor_manipulation(model, tokenizer, args)
     elif args.manipulation:
-        manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed)
+        manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed,
+                                            spare_first=args.spare_first or 0, window=args.window)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     write = lambda text: print(text, end="", flush=True)  # noqa: E731
     try:
@@ -145,6 +149,11 @@ def build_parser(register: Sequence[Callable] = ()) -> argparse.ArgumentParser:
                      help="swap: the donor prompt's token whose H[k] is taken (default: -1, its last token)")
     gen.add_argument("--position", type=int,
                      help="swap: the prompt's token (0 = its first, counted after any chat wrapping) that gets it")
+    gen.add_argument("--spare-first", type=int, metavar="N",
+                     help="random, freeze, skip_attention: leave each sequence's first N tokens alone "
+                          "(1 spares the attention sink of a model without BOS)")
+    gen.add_argument("--window", type=int, metavar="W",
+                     help="freeze, skip_attention: act on layers k .. k+W-1 only, not k to the top")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling and for random vectors")
     gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")

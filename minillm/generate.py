@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from minillm.errors import ManipulationError
 from minillm.inputs import check_generation
 from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
@@ -117,6 +118,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
                      manipulation=manipulation)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "cached" and manipulation is not None and manipulation.faithful_only(model.config.num_layers):
+        raise ManipulationError(manipulation.faithful_only(model.config.num_layers))
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = sampling or Sampling()
@@ -148,6 +151,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         if all(done) or step == max_new_tokens - 1:
             break
         token = drop_finished(batch, token, done)
+        if batch.manipulation is not None:  # the paper's random draws fresh noise at every step
+            batch.manipulation = batch.manipulation.at_step(step + 1)
         logits = decode_step(model, batch, token, efficient)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)

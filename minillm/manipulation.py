@@ -15,6 +15,11 @@ layers) means no manipulation at all.
     swap            at the input of layer k only, the given positions get the given vectors
     skip_attention  layers j >= k skip input-norm + attention for all positions
 
+Variants beyond the paper (docs/manipulations.md, "Variants"): `spare_first=n` leaves each
+sequence's first n positions alone (position 0 is the attention sink of a model without BOS);
+`window=w` acts on layers k .. k+w-1 only; `fresh_noise_each_step=True` is the paper's released
+random (fresh noise at every generation step, faithful mode only).
+
 What the rest of the code needs to know about a kind is in `KIND_FACTS`, and
 nowhere else: outside this file and the visible lines of `Block.manipulate`, no
 code compares kind names.
@@ -37,15 +42,17 @@ class KindFacts:
     seeded: bool = False  # the seed chooses the manipulation (random: which noise)
     donor: bool = False  # needs positions and donor vectors (swap); changes nothing before its first position
     # With efficient=True a KV cache is needed for layers below k only (skip_attention: from k up no
-    # token reads another).
+    # token reads another; not so with a window that ends below the top, or spared positions).
     cache_below_k_only: bool = False
+    spares: bool = False  # accepts spare_first (swap names its positions itself)
+    windowed: bool = False  # accepts a window of layers (random and swap act at layer k only)
 
 
 KIND_FACTS = {
-    "random": KindFacts(seeded=True),
-    "freeze": KindFacts(lowest_layer=1),
+    "random": KindFacts(seeded=True, spares=True),
+    "freeze": KindFacts(lowest_layer=1, spares=True, windowed=True),
     "swap": KindFacts(donor=True),
-    "skip_attention": KindFacts(cache_below_k_only=True),
+    "skip_attention": KindFacts(cache_below_k_only=True, spares=True, windowed=True),
 }
 
 KINDS = tuple(KIND_FACTS)  # ("random", "freeze", "swap", "skip_attention")
@@ -64,6 +71,10 @@ class Manipulation:
     positions: tuple[int, ...] = ()  # swap: positions counted from each sequence's first real token
     vectors: torch.Tensor | None = field(default=None, repr=False)  # swap: [P, D] or [B, P, D]
     description: str = ""  # free text kept with results, e.g. which donor the swap vectors came from
+    spare_first: int = 0  # random, freeze, skip_attention: each sequence's first n real positions are spared
+    window: int | None = None  # freeze, skip_attention: layers k .. k+window-1 only (None: k to the top)
+    fresh_noise_each_step: bool = False  # random: the paper's released code, new noise at every step (faithful)
+    step: int = 0  # fresh_noise_each_step: the generation step whose noise this is (generation sets it)
 
     def __post_init__(self):
         if self.kind not in KIND_FACTS:
@@ -87,6 +98,16 @@ class Manipulation:
                     f"got {list(self.vectors.shape)}")
         elif self.positions or self.vectors is not None:
             raise ManipulationError(f"positions/vectors only apply to swap, not {self.kind}")
+        if not _is_count(self.spare_first, 0):
+            raise ManipulationError(f"spare_first must be an integer >= 0, got {self.spare_first!r}")
+        if self.spare_first and not self.facts.spares:
+            raise ManipulationError(f"spare_first does not apply to {self.kind}: it names its positions itself")
+        if self.window is not None and not _is_count(self.window, 1):
+            raise ManipulationError(f"window must be an integer >= 1 (a number of layers), got {self.window!r}")
+        if self.window is not None and not self.facts.windowed:
+            raise ManipulationError(f"window does not apply to {self.kind}: it acts at layer k only")
+        if self.fresh_noise_each_step and self.kind != "random":
+            raise ManipulationError(f"fresh_noise_each_step applies to random only, not {self.kind}")
 
     @property
     def facts(self) -> KindFacts:
@@ -99,6 +120,15 @@ class Manipulation:
             why = f" ({self.kind} keeps H[k-1], so k >= 1)" if self.layer < lowest else ""
             raise ManipulationError(
                 f"{self.kind} layer k={self.layer} is outside {lowest}..{num_layers} for a {num_layers}-layer model{why}")
+        if self.window is not None and self.layer + self.window > num_layers:
+            raise ManipulationError(
+                f"{self.kind} window of {self.window} layers from k={self.layer} goes past the top layer "
+                f"{num_layers - 1} of a {num_layers}-layer model")
+        short = [(b, length) for b, length in enumerate(lengths) if length <= self.spare_first]
+        if self.spare_first and short:
+            b, length = short[0]
+            raise ManipulationError(f"spare_first={self.spare_first} spares every token of sequence {b} "
+                                    f"(length {length}): a sequence needs more tokens than it spares")
         if not self.facts.donor:
             return
         if self.vectors.shape[-1] != hidden_size:
@@ -119,9 +149,36 @@ class Manipulation:
         padding = attention_mask.shape[1] - attention_mask.sum(dim=1)
         return min(int(padding.min()) + min(self.positions), attention_mask.shape[1] - 1)
 
+    def end_layer(self, num_layers: int) -> int:
+        """One past the last layer this manipulation acts on (L unless a window ends below the top)."""
+        return num_layers if self.window is None else self.layer + self.window
+
     def cache_layers(self, num_layers: int, efficient: bool) -> int:
         """How many layers (from the bottom) a KV cache must hold for this manipulation."""
-        return self.layer if efficient and self.facts.cache_below_k_only else num_layers
+        below_k_only = self.facts.cache_below_k_only and self.end_layer(num_layers) == num_layers
+        return self.layer if efficient and below_k_only and not self.spare_first else num_layers
+
+    def faithful_only(self, num_layers: int) -> str:
+        """Why cached generation cannot do this manipulation ("" when it can)."""
+        if self.fresh_noise_each_step:
+            return ("random with fresh_noise_each_step (the paper's variant) redraws every previous token's "
+                    "noise at each step, which a KV cache cannot keep: use mode='faithful'")
+        if self.kind == "freeze" and self.end_layer(num_layers) < num_layers:
+            return ("freeze with a window that ends below the top layer is faithful-mode only (a token's states "
+                    "above the window change once it is a previous token): use mode='faithful'")
+        return ""
+
+    @property
+    def noise_seed(self) -> int:
+        """The seed of random's noise: the seed itself, or with fresh_noise_each_step one per (seed, step), from
+        a stream (offset 2**40) that no plain seed below 2**40 reaches."""
+        if not self.fresh_noise_each_step:
+            return self.seed
+        return 2**40 + self.seed * 2**20 + self.step
+
+    def at_step(self, step: int) -> Manipulation:
+        """The manipulation for generation step `step` (0 = the pass over the prompt); only fresh noise changes."""
+        return replace(self, step=step) if self.fresh_noise_each_step else self
 
     def for_rows(self, rows: torch.Tensor) -> "Manipulation":
         """The same manipulation for these sequences of the batch only (per-sequence swap vectors selected)."""
@@ -137,9 +194,20 @@ class Manipulation:
         if self.facts.donor:
             record["positions"] = list(self.positions)
             record["vectors_shape"] = list(self.vectors.shape)
+        if self.spare_first:
+            record["spare_first"] = self.spare_first
+        if self.window is not None:
+            record["window"] = self.window
+        if self.fresh_noise_each_step:
+            record["fresh_noise_each_step"] = True
+            record["variant"] = "the paper's random: fresh noise at every generation step"
         if self.description:
             record["description"] = self.description
         return record
+
+
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def random_directions(seed: int, positions: torch.Tensor, width: int) -> torch.Tensor:

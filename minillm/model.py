@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import ModelConfig
+from minillm.errors import ManipulationError
 from minillm.manipulation import Manipulation, random_directions
 
 
@@ -243,6 +244,8 @@ class LayerEdit:
     swap_at: torch.Tensor | None = None  # [B, T, 1] bool: positions receiving a donor vector
     swap_vectors: torch.Tensor | None = None  # [B, T, D] the donor vectors, in place
     skip_attention: bool = False
+    # skip_attention sparing the first n positions: attention reads the keys at positions 0 .. n-1 only
+    read_first_only: int = 0
     # Efficiency mode for freeze, from layer k-1 up: previous tokens' outputs are overwritten by H[k-1]
     # at the next layer anyway, so they only need keys/values; the last token alone gets attention and MLP.
     last_token_only: bool = False
@@ -258,6 +261,14 @@ def norm_matched(directions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The directions [..., D] rescaled to the L2 norms of x [..., D] (computed in fp32), in x's dtype."""
     scale = x.float().norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True)
     return (directions * scale).to(x.dtype)
+
+
+def keys_of_first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 1, 1, T_keys] bool: the key slots holding positions 0 .. n-1 of each sequence, from the attention
+    mask [B, 1, T, T_keys]. The pass's last query is a real token that sees every real key (no sliding window
+    cuts it off: `_skip_attention_edits` checks), so counting the keys in its row gives their positions."""
+    key_position = mask[:, :, -1:].cumsum(dim=-1) - 1
+    return key_position < n
 
 
 class Block(nn.Module):
@@ -289,6 +300,8 @@ class Block(nn.Module):
             attended = x[:, -1:] + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_query_only=True)
             self._cache_newest_as_frozen(edit, frozen, rope, cache)
             return torch.cat([x[:, :-1], attended + self.mlp(self.post_attention_layernorm(attended))], dim=1)
+        if edit.read_first_only:  # skip_attention sparing the first n positions: only those can be read
+            mask = mask & keys_of_first_positions(mask, edit.read_first_only)
         if not edit.skip_attention:  # skip_attention: no input norm, no attention; the MLP still runs
             x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
             self._cache_newest_as_frozen(edit, frozen, rope, cache)
@@ -436,6 +449,7 @@ class Transformer(nn.Module):
         # Previous tokens: real positions except each sequence's last (the last column, as we pad on the left).
         previous = attention_mask.clone()
         previous[:, -1] = False
+        previous &= positions >= manipulation.spare_first  # spared positions (the attention sink) are not previous
         build = self.edit_builders()[manipulation.kind]
         return build(manipulation, previous[..., None], attention_mask, positions, efficient)
 
@@ -446,13 +460,18 @@ class Transformer(nn.Module):
                 "skip_attention": self._skip_attention_edits}
 
     def _random_edits(self, manipulation, previous, attention_mask, positions, efficient):
-        noise = random_directions(manipulation.seed, positions, self.config.hidden_size).to(positions.device)
+        noise = random_directions(manipulation.noise_seed, positions, self.config.hidden_size).to(positions.device)
         return self._at_layer(manipulation.layer, LayerEdit(previous=previous, random=noise))
 
     def _freeze_edits(self, manipulation, previous, attention_mask, positions, efficient):
+        """Layers k .. end-1 (end = L, or k + window). A window's last layer runs previous tokens in full: from
+        its output they evolve again. Spared positions keep evolving, so the efficiency mode cannot skip them."""
+        L, end = self.config.num_layers, manipulation.end_layer(self.config.num_layers)
+        efficient = efficient and not manipulation.spare_first
         first = manipulation.layer - 1 if efficient else manipulation.layer  # layer k-1's outputs are overwritten too
         edit = LayerEdit(previous=previous, freeze=True, last_token_only=efficient)
-        return [edit if j >= first else NO_EDIT for j in range(self.config.num_layers)]
+        flows_on = replace(edit, last_token_only=False) if end < L else edit
+        return [edit if first <= j < end - 1 else flows_on if j == end - 1 else NO_EDIT for j in range(L)]
 
     def _swap_edits(self, manipulation, previous, attention_mask, positions, efficient):
         """Each donor vector placed at its position in every sequence."""
@@ -468,8 +487,17 @@ class Transformer(nn.Module):
         return self._at_layer(manipulation.layer, LayerEdit(swap_at=swap_at, swap_vectors=swap_vectors))
 
     def _skip_attention_edits(self, manipulation, previous, attention_mask, positions, efficient):
-        k, skip = manipulation.layer, LayerEdit(skip_attention=True)
-        return [NO_EDIT] * k + [replace(skip, drop_previous=efficient)] + [skip] * (self.config.num_layers - k - 1)
+        """Layers k .. end-1 (end = L, or k + window) skip attention; sparing n positions, they attend only to
+        those. The efficiency mode drops previous tokens when no layer above k reads them."""
+        L, k, n = self.config.num_layers, manipulation.layer, manipulation.spare_first
+        end = manipulation.end_layer(L)
+        window = self.config.sliding_window
+        if n and window is not None and int(positions[:, -1].max()) >= window:
+            raise ManipulationError(f"skip_attention with spare_first needs sequences of at most {window} tokens "
+                                    f"on this sliding-window model (beyond its window the spared positions are unseen)")
+        skip = LayerEdit(read_first_only=n) if n else LayerEdit(skip_attention=True)
+        at_k = replace(skip, drop_previous=efficient and not n and end == L)
+        return [NO_EDIT] * k + [at_k] + [skip] * (end - k - 1) + [NO_EDIT] * (L - end)
 
     def _at_layer(self, k: int, edit: LayerEdit) -> list[LayerEdit]:
         return [edit if j == k else NO_EDIT for j in range(self.config.num_layers)]

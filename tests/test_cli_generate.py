@@ -55,3 +55,34 @@ def test_bad_swap_arguments_exit_with_one_line(smollm2_dir, capsys, arguments, m
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("minillm: error:")
     assert re.search(message, error), error
+
+
+def test_spare_first_and_window_from_the_command_line_are_the_python_variants(smollm2_dir, smollm2, capsys):
+    model, tokenizer = smollm2
+    for flags, manipulation in [
+        (["--manipulation", "random", "--layer", "20", "--seed", "3", "--spare-first", "1"],
+         Manipulation("random", 20, seed=3, spare_first=1)),
+        (["--manipulation", "skip_attention", "--layer", "12", "--window", "3"],
+         Manipulation("skip_attention", 12, window=3)),
+    ]:
+        expected = minillm.generate(model, tokenizer, PROMPT, 3, manipulation=manipulation)
+        assert expected != minillm.generate(model, tokenizer, PROMPT, 3, manipulation=Manipulation(
+            manipulation.kind, manipulation.layer, seed=manipulation.seed)), "the flag changes nothing here"
+        output = generate_from_cli(capsys, "--model", str(smollm2_dir), "--max-new-tokens", "3", *flags, PROMPT)
+        assert output == expected + "\n"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--spare-first", "1"], "only apply with --manipulation random, freeze or skip_attention"),
+    (["--manipulation", "swap", "--layer", "3", "--donor-prompt", "Rome", "--position", "2", "--window", "2"],
+     "only apply with --manipulation random, freeze or skip_attention"),
+    (["--manipulation", "random", "--layer", "3", "--window", "2"], "window does not apply to random"),
+    (["--manipulation", "freeze", "--layer", "3", "--spare-first", "-1"], "spare_first must be an integer >= 0"),
+    (["--manipulation", "skip_attention", "--layer", "29", "--window", "2"], "goes past the top layer 29"),
+    (["--manipulation", "freeze", "--layer", "3", "--window", "2"], "use mode='faithful'"),
+])
+def test_bad_variant_arguments_exit_with_one_line(smollm2_dir, capsys, arguments, message):
+    assert main(["generate", "--model", str(smollm2_dir), "--max-new-tokens", "1", *arguments, PROMPT]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("minillm: error:")
+    assert re.search(message, error), error

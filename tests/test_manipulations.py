@@ -109,14 +109,20 @@ def manipulation_of(kind: str, k: int, model, seed: int = 0) -> Manipulation:
 # ----------------------------------------------------------------------------- the independent reference
 
 @contextlib.contextmanager
-def reference_manipulation(hf, kind: str, k: int, *, seed: int = 0, positions=(), vectors=None):
+def reference_manipulation(hf, kind: str, k: int, *, seed: int = 0, positions=(), vectors=None, spare_first: int = 0,
+                           window: int | None = None):
     """Apply a manipulation to a transformers model with hooks, for batches without padding.
 
-    Previous tokens are positions 0 .. T-2 of the current input. `vectors` [P, D] go to
-    `positions` for swap.
+    Previous tokens are positions spare_first .. T-2 of the current input. `vectors` [P, D] go to
+    `positions` for swap. `seed` is the noise seed itself (for the paper's fresh noise: that step's).
+    freeze and skip_attention act on layers k .. k+window-1 (to the top without a window). skip_attention
+    sparing n >= 1 positions replaces the attention mask of those layers: every query may read only keys
+    at positions < n (and, causally, <= its own).
     """
     layers = hf.model.layers
     L = len(layers)
+    end = L if window is None else k + window
+    n = spare_first
     handles = []
     kept = {}
 
@@ -133,20 +139,19 @@ def reference_manipulation(hf, kind: str, k: int, *, seed: int = 0, positions=()
             return h
 
         def stale(h):
-            return torch.cat([kept["H[k-1]"][:, :-1], h[:, -1:]], dim=1)
+            return torch.cat([h[:, :n], kept["H[k-1]"][:, n:-1], h[:, -1:]], dim=1)
 
         rewrite_input(k - 1, keep)
-        for j in range(k, L):
+        for j in range(k, end):
             rewrite_input(j, stale)
     elif kind == "random" and k < L:
         def scramble(h):
             B, T, D = h.shape
-            n = T - 1
-            noise = random_directions(seed, torch.arange(T).expand(B, T), D)[:, :n]
+            noise = random_directions(seed, torch.arange(T).expand(B, T), D)[:, n:T - 1]
             # Written as noise * (|h| / |noise|), the order our model uses: noise / |noise| * |h| differs in the
             # last bit, and SmolLM2 fed noise at k = 0 amplifies that 6e-8 to 2e-3 in its logits (measured).
-            scaled = noise * (h[:, :n].float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
-            return torch.cat([scaled.to(h.dtype), h[:, n:]], dim=1)
+            scaled = noise * (h[:, n:T - 1].float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
+            return torch.cat([h[:, :n], scaled.to(h.dtype), h[:, T - 1:]], dim=1)
 
         rewrite_input(k, scramble)
     elif kind == "swap" and k < L:
@@ -157,12 +162,24 @@ def reference_manipulation(hf, kind: str, k: int, *, seed: int = 0, positions=()
             return h
 
         rewrite_input(k, place)
-    elif kind == "skip_attention":
+    elif kind == "skip_attention" and n == 0:
         def attention_adds_nothing(module, args, output):
             return (torch.zeros_like(output[0]),) + tuple(output[1:])
 
-        for j in range(k, L):
+        for j in range(k, end):
             handles.append(layers[j].self_attn.register_forward_hook(attention_adds_nothing))
+    elif kind == "skip_attention":
+        def read_first_only(module, args, kwargs):
+            h = kwargs["hidden_states"]
+            T = h.shape[1]
+            query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
+            allowed = (key <= query) & (key < n)
+            blocked = torch.full((T, T), torch.finfo(h.dtype).min, dtype=h.dtype)
+            additive = torch.where(allowed, torch.zeros((), dtype=h.dtype), blocked)  # what eager attention adds
+            return args, {**kwargs, "attention_mask": additive.expand(h.shape[0], 1, T, T)}
+
+        for j in range(k, end):
+            handles.append(layers[j].self_attn.register_forward_pre_hook(read_first_only, with_kwargs=True))
     try:
         yield
     finally:
