@@ -323,7 +323,7 @@ def extend(old: dict, new: dict) -> tuple[dict, list[str]]:
                 added.append(f"seeds {old.get('seeds', 0)} -> {new['seeds']}")
         else:
             fresh = [value for value in new[key] if value not in old.get(key, [])]
-            merged[key] = sorted(set(old.get(key, [])) | set(new[key]), key=str)
+            merged[key] = sorted(set(old.get(key, [])) | set(new[key]))  # each list holds one type
             if fresh:
                 added.append(f"{key} {', '.join(map(str, fresh))}")
     return merged, added
