@@ -68,7 +68,8 @@ class PromptStates:
         device = model.embed_tokens.weight.device
         input_ids, attention_mask = left_pad(prompts, pad_id, device)
         cache = new_cache(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if mode == "cached" else None
-        _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True)
+        _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True,
+                          checked=True)  # left_pad made the mask
         return cls(input_ids, attention_mask, states, cache)
 
 
@@ -119,6 +120,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if manipulation is not None:  # validated once here, so that no pass reads the lengths back from the device
+        manipulation.check(model.config.num_layers, model.config.hidden_size, [len(p) for p in prompts])
     sampling = sampling or Sampling()
     generator = torch.Generator().manual_seed(sampling.seed)
     B = len(prompts)
@@ -172,12 +175,13 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
     L = model.config.num_layers
     if prompt_states is None:
         input_ids, attention_mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
+        padded = len({len(p) for p in prompts}) > 1  # without padding the model can use plain causal attention
         cache = None
         if mode == "cached":
             layers = None if manipulation is None else manipulation.cache_layers(L, efficient)
             cache = new_cache(model, len(prompts), input_ids.shape[1] + max_new_tokens, layers)
-        logits = model(input_ids, attention_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
-                       efficient=efficient)
+        logits = model(input_ids, attention_mask if padded else None, cache=cache, manipulation=manipulation,
+                       last_logits_only=True, efficient=efficient, checked=True)
         return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
 
     input_ids, attention_mask = prompt_states.input_ids, prompt_states.attention_mask
@@ -194,7 +198,8 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
         cache.rewind(column)
     # The pass starts at layer k (k = L without a manipulation: only the head runs).
     logits = model(input_ids[:, column:], attention_mask[:, column:], cache=cache, manipulation=manipulation,
-                   last_logits_only=True, efficient=efficient, prompt_states=prompt_states.states[:, :, column:])
+                   last_logits_only=True, efficient=efficient, prompt_states=prompt_states.states[:, :, column:],
+                   checked=True)
     return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
 
 
@@ -204,10 +209,10 @@ def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient
         batch.input_ids = torch.cat([batch.input_ids, token[:, None]], dim=1)
         batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)[:, None]], dim=1)
         step_input, step_mask = batch.input_ids, batch.attention_mask
-    else:
-        step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
+    else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
+        step_input, step_mask = token[:, None], None
     logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
-                   efficient=efficient)
+                   efficient=efficient, checked=True)
     return logits[:, -1].float()
 
 
