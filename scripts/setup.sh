@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with minillm and its test tools. torch is pinned here (the CPU build of 2.13.0);
-# pyproject.toml itself accepts any torch >= 2.4.
+# pyproject.toml itself accepts any torch >= 2.5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
