@@ -21,8 +21,8 @@ leave the batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class PromptStates:
     @classmethod
     @torch.no_grad()
     def compute(cls, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
-                mode: str = "cached") -> "PromptStates":
+                mode: str = "cached") -> PromptStates:
         """Run the prompts once without manipulation, keeping every layer's states (and the KV cache)."""
         device = model.embed_tokens.weight.device
         input_ids, attention_mask = left_pad(prompts, pad_id, device)

@@ -142,7 +142,7 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         copy = object.__new__(KVCache)
         copy.__dict__.update({name: value.clone() if torch.is_tensor(value) else value
                               for name, value in self.__dict__.items()})
@@ -166,7 +166,7 @@ class KVCache:
         self.values[layer, :, :, start:self.length] = values
         return self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
 
-    def layer(self, layer: int) -> "LayerCache | None":
+    def layer(self, layer: int) -> LayerCache | None:
         """Layer `layer`'s view of the cache (None above the layers this cache holds)."""
         return LayerCache(self, layer) if layer < self.num_layers else None
 

@@ -93,7 +93,7 @@ def test_a_decode_steps_forward_reads_nothing_back(model, kind, efficient):
     cache = new_cache(model, 2, 12, layers)
     model(ids, ids > 0, cache=cache, manipulation=manipulation, last_logits_only=True, efficient=efficient)
     token = torch.tensor([[9], [8]])
-    step = lambda: model(token, cache=cache, manipulation=manipulation, last_logits_only=True,  # noqa: E731
+    step = lambda: model(token, cache=cache, manipulation=manipulation, last_logits_only=True,
                          efficient=efficient, checked=True)
     step()  # the first use of a seed makes its noise table
     assert host_reads(step) == Counter()

@@ -69,7 +69,7 @@ def test_noise_tables_on_the_device_equal_the_host_path_and_the_definition():
     on_device = random_directions(7, positions, 16, position_limit=300)
     on_host = random_directions(7, positions, 16)
     assert torch.equal(on_device, on_host)
-    block = lambda b: torch.randn(NOISE_BLOCK, 16, generator=torch.Generator().manual_seed(7 * 1_000_003 + b))  # noqa: E731
+    block = lambda b: torch.randn(NOISE_BLOCK, 16, generator=torch.Generator().manual_seed(7 * 1_000_003 + b))
     assert torch.equal(on_device[1, 0], block(2)[130 - 2 * NOISE_BLOCK])
     assert torch.equal(on_device[0, 3], block(1)[0])
     assert not torch.equal(random_directions(8, positions, 16, position_limit=300), on_device)
