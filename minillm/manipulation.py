@@ -124,7 +124,7 @@ class Manipulation:
         """How many layers (from the bottom) a KV cache must hold for this manipulation."""
         return self.layer if efficient and self.facts.cache_below_k_only else num_layers
 
-    def for_rows(self, rows: torch.Tensor) -> Manipulation:
+    def for_rows(self, rows: torch.Tensor) -> "Manipulation":
         """The same manipulation for these sequences of the batch only (per-sequence swap vectors selected)."""
         if self.vectors is None or self.vectors.dim() == 2:
             return self
