@@ -31,7 +31,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="embedded name, local folder, or org/name in the local Hugging Face cache")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the default: the checkpoint's own dtype on a GPU, float32 on the CPU), "
+                             "float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -44,7 +46,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
     if not args.model.strip():
         raise UsageError("--model is empty: give an embedded name, a folder or org/name")
-    parse_dtype(args.dtype, "--dtype")
+    if args.dtype != "auto":
+        parse_dtype(args.dtype, "--dtype")
     check_device(args.device, "--device")
     check_threads(args.threads, "--threads")
 
