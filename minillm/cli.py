@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elif args.manipulation:
         manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    write = lambda text: print(text, end="", flush=True)  # noqa: E731
+    write = lambda text: print(text, end="", flush=True)
     try:
         minillm.generate(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling,
                          manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write)
