@@ -73,11 +73,12 @@ class TextStreamer:
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64, *,
              sampling: Sampling | None = None, manipulation: Manipulation | None = None, mode: str = "cached",
-             chat: bool = False, stream: Callable[[str], None] | None = None) -> str | list[str]:
+             chat: bool = False, stream: Callable[[str], None] | None = None, compile: bool = False) -> str | list[str]:
     """Continue a prompt (or a batch of prompts) and return the new text.
 
     chat=True wraps each prompt as a user message in the model's chat format.
     stream receives the first sequence's text piece by piece as it is generated.
+    compile=True compiles the decode step with torch.compile (see `generate_tokens`).
     """
     prompts = check_prompt_texts(prompt)
     check_count(max_new_tokens, "max_new_tokens")
@@ -88,7 +89,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[st
     eos = set(tokenizer.eos_ids)
     result = generate_tokens(
         model, token_ids, max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, sampling=sampling,
-        manipulation=manipulation, mode=mode,
+        manipulation=manipulation, mode=mode, compile=compile,
         on_token=(lambda b, t: streamer(t) if b == 0 and t not in eos else None) if streamer else None)
     texts = [tokenizer.decode([t for t in tokens if t not in eos]) for tokens in result.tokens]
     return texts[0] if isinstance(prompt, str) else texts

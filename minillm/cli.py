@@ -93,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     write = lambda text: print(text, end="", flush=True)
     try:
         minillm.generate(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling,
-                         manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write)
+                         manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write,
+                         compile=args.compile)
     except KeyboardInterrupt:
         print()  # end the streamed line before the interruption is reported
         raise
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling and for random vectors")
     gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step with torch.compile (the first call compiles: worth it for long "
+                          "outputs; needs a C++ compiler on the CPU)")
     gen.set_defaults(run=cmd_generate)
 
     sweep = commands.add_parser(

@@ -103,7 +103,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
                     manipulation: Manipulation | None = None, mode: str = "cached",
                     stop: Callable[[list[int]], bool] | None = None, prompt_states: PromptStates | None = None,
                     on_token: Callable[[int, int], None] | None = None,
-                    return_logits: bool = False, efficient: bool = False) -> Generation:
+                    return_logits: bool = False, efficient: bool = False, compile: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
@@ -113,6 +113,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
     tokens only as far as anyone reads them; skip_attention runs only the last position from layer k up
     and keeps no KV cache there.
+    `compile`: run the decode steps through `model.compiled_forward()` (torch.compile; the first call
+    compiles, which takes a while). The same tokens; logits within rounding.
     """
     check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
                      manipulation=manipulation)
@@ -151,7 +153,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         if all(done) or step == max_new_tokens - 1:
             break
         token = drop_finished(batch, token, done)
-        logits = decode_step(model, batch, token, efficient)
+        logits = decode_step(model, batch, token, efficient, compile)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)
 
@@ -203,7 +205,8 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
     return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
 
 
-def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False) -> torch.Tensor:
+def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False,
+                compile: bool = False) -> torch.Tensor:
     """Append token [B] to every sequence of the batch; return the next last-position logits [B, V] (fp32)."""
     if batch.cache is None:  # faithful: rerun everything, the new token appended
         batch.input_ids = torch.cat([batch.input_ids, token[:, None]], dim=1)
@@ -211,8 +214,9 @@ def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient
         step_input, step_mask = batch.input_ids, batch.attention_mask
     else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
         step_input, step_mask = token[:, None], None
-    logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
-                   efficient=efficient, checked=True)
+    forward = model.compiled_forward() if compile else model
+    logits = forward(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
+                     efficient=efficient, checked=True)
     return logits[:, -1].float()
 
 

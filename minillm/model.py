@@ -367,11 +367,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.tie_weights()
+        self._compiled_forward = None  # see `compiled_forward`
 
     def tie_weights(self) -> None:
         """Checkpoints with tied embeddings have no lm_head weight: the output layer reuses the embedding."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def compiled_forward(self):
+        """`forward` compiled by torch.compile, made on first use and then kept; generation uses it for its
+        decode steps when asked to (`generate_tokens(compile=True)`). Compiled with dynamic shapes, so the
+        cache growing by one slot per step, or the batch shrinking, does not recompile it."""
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.forward, dynamic=True)
+        return self._compiled_forward
 
     def set_attention(self, implementation: str) -> None:
         """"sdpa" (torch's fused kernel) or "math" (the explicit formula in `math_attention`)."""
