@@ -74,6 +74,8 @@ def parse_args() -> argparse.Namespace:
                              "time, which other users' load barely moves; meaningful with --threads 1")
     parser.add_argument("--cases", default="forward,decode", help="which cases to run (default forward,decode)")
     parser.add_argument("--profile", action="store_true", help="profile one forward and one decode of each side")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our decode with its compiled step (generate_tokens(compile=True))")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     common.add_device_argument(parser)
     return parser.parse_args()
@@ -159,9 +161,9 @@ def hf_forward(model, ids):
 
 
 @torch.no_grad()
-def ours_decode(model, ids, new_tokens=NEW_TOKENS):
+def ours_decode(model, ids, new_tokens=NEW_TOKENS, compile=False):
     from minillm.generate import generate_tokens
-    return generate_tokens(model, ids.tolist(), new_tokens, mode="cached").tokens
+    return generate_tokens(model, ids.tolist(), new_tokens, mode="cached", compile=compile).tokens
 
 
 @torch.no_grad()
@@ -242,7 +244,8 @@ def profile_top(label: str, call, device: torch.device, rows: int = 12) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int, device: torch.device) -> list[dict]:
+def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int, device: torch.device,
+              compile: bool = False) -> list[dict]:
     """Time every case of one dtype, ours and transformers interleaved; print each row as it is done."""
     vocab = ours.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -265,11 +268,19 @@ def run_dtype(ours, hf, dtype_name: str, cases: set, repeats: int, device: torch
         a, b = ours_decode(ours, ids), hf_decode(hf, ids)  # warm-up and check
         floor = matmul_floor(ours, batch)
         floor()
-        times = best_of_interleaved({"ours": lambda: ours_decode(ours, ids),
-                                     "hf": lambda: hf_decode(hf, ids), "floor": floor}, repeats, device)
+        calls = {"ours": lambda: ours_decode(ours, ids), "hf": lambda: hf_decode(hf, ids), "floor": floor}
+        check = first_divergence(a, b, NEW_TOKENS)
+        if compile:
+            compiled = ours_decode(ours, ids, compile=True)  # warm-up: compiles
+            calls["compiled"] = lambda: ours_decode(ours, ids, compile=True)
+            check += "; compiled: " + ("same tokens as eager" if compiled == a else "TOKENS DIFFER FROM EAGER")
+        times = best_of_interleaved(calls, repeats, device)
         results.append({"dtype": dtype_name, "case": f"decode b={batch} {PROMPT_TOKENS}+{NEW_TOKENS}",
                         "tokens": batch * NEW_TOKENS, "ours_s": times["ours"], "hf_s": times["hf"],
-                        "floor_s": times["floor"], "check": first_divergence(a, b, NEW_TOKENS)})
+                        "floor_s": times["floor"], "check": check})
+        if compile:
+            results[-1]["compiled_s"] = times["compiled"]
+            results[-1]["check"] += f" ({times['compiled'] * 1e3:.1f} ms, {times['floor'] / times['compiled']:.1%} of the floor)"
         print_row(results[-1])
     return results
 
@@ -349,7 +360,7 @@ def main() -> None:
     for name in dtype_names:
         common.reset_peak_memory(device)
         ours, hf = load_ours(folder, DTYPES[name], device), load_hf(folder, DTYPES[name], device)
-        results += run_dtype(ours, hf, name, cases, args.repeats, device)
+        results += run_dtype(ours, hf, name, cases, args.repeats, device, args.compile)
         memory[name], what = common.peak_memory(device)
         print(f"{name}: peak memory {memory[name] / 2 ** 30:.2f} GiB ({what}; both models loaded)", flush=True)
         del ours, hf

@@ -179,6 +179,7 @@ class MinillmSweep:
 
     def start_task(self, data: TaskData) -> None:
         self.data = data
+        self.prompt_states = None  # the previous task's states are freed before this prefill, not after
         self.prompt_states = PromptStates.compute(self.model, data.prompts, data.task.max_new_tokens,
                                                   pad_id=self.tokenizer.pad_id)
 

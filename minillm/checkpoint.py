@@ -42,7 +42,7 @@ import torch
 
 from minillm.config import ModelConfig, read_json_file
 from minillm.errors import CheckpointError
-from minillm.model import Transformer
+from minillm.model import Transformer, rope_inverse_frequencies
 
 __all__ = ["CheckpointError", "check_manifest", "load_manifest", "load_model", "resolve_checkpoint"]
 
@@ -206,7 +206,11 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()  # assign=True gave lm_head its own tensor: share the embedding again
+    # The RoPE frequencies are not in the checkpoint: computed here, on the device (the model was built on meta).
+    model.rotary.inv_freq = rope_inverse_frequencies(config).to(device)
     model.config = config
+    # Inference only: without this, a forward outside torch.no_grad() would keep a graph of every activation.
+    model.requires_grad_(False)
     return model.eval()
 
 

@@ -30,7 +30,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="embedded name, local folder, or org/name in the local Hugging Face cache")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the default: the checkpoint's own dtype on a GPU, float32 on the CPU), "
+                             "float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -43,7 +45,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
     if not args.model.strip():
         raise UsageError("--model is empty: give an embedded name, a folder or org/name")
-    parse_dtype(args.dtype, "--dtype")
+    if args.dtype != "auto":
+        parse_dtype(args.dtype, "--dtype")
     check_device(args.device, "--device")
     check_threads(args.threads, "--threads")
 
@@ -99,10 +102,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         manipulation = minillm.Manipulation(args.manipulation, args.layer, seed=args.seed,
                                             spare_first=args.spare_first or 0, window=args.window)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    write = lambda text: print(text, end="", flush=True)  # noqa: E731
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
     try:
         minillm.generate(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling,
-                         manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write)
+                         manipulation=manipulation, mode=args.mode, chat=args.chat, stream=write,
+                         compile=args.compile)
     except KeyboardInterrupt:
         print()  # end the streamed line before the interruption is reported
         raise
@@ -157,6 +163,9 @@ def build_parser(register: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling and for random vectors")
     gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step with torch.compile (the first call compiles: worth it for long "
+                          "outputs; needs a C++ compiler on the CPU)")
     gen.set_defaults(run=cmd_generate)
 
     for add_commands in register:

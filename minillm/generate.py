@@ -21,8 +21,8 @@ leave the batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -64,12 +64,13 @@ class PromptStates:
     @classmethod
     @torch.no_grad()
     def compute(cls, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
-                mode: str = "cached") -> "PromptStates":
+                mode: str = "cached") -> PromptStates:
         """Run the prompts once without manipulation, keeping every layer's states (and the KV cache)."""
         device = model.embed_tokens.weight.device
         input_ids, attention_mask = left_pad(prompts, pad_id, device)
         cache = new_cache(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if mode == "cached" else None
-        _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True)
+        _, states = model(input_ids, attention_mask, cache=cache, output_hidden_states=True, last_logits_only=True,
+                          checked=True)  # left_pad made the mask
         return cls(input_ids, attention_mask, states, cache)
 
 
@@ -103,7 +104,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
                     manipulation: Manipulation | None = None, mode: str = "cached",
                     stop: Callable[[list[int]], bool] | None = None, prompt_states: PromptStates | None = None,
                     on_token: Callable[[int, int], None] | None = None,
-                    return_logits: bool = False, efficient: bool = False) -> Generation:
+                    return_logits: bool = False, efficient: bool = False, compile: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A sequence stops at an eos id or when `stop(its new tokens)` says so; the others go on.
@@ -113,6 +114,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
     tokens only as far as anyone reads them; skip_attention runs only the last position from layer k up
     and keeps no KV cache there.
+    `compile`: run the decode steps through `model.compiled_forward()` (torch.compile; the first call
+    compiles, which takes a while). The same tokens; logits within rounding.
     """
     check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
                      manipulation=manipulation)
@@ -122,6 +125,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         raise ManipulationError(manipulation.faithful_only(model.config.num_layers))
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if manipulation is not None:  # validated once here, so that no pass reads the lengths back from the device
+        manipulation.check(model.config.num_layers, model.config.hidden_size, [len(p) for p in prompts])
     sampling = sampling or Sampling()
     generator = torch.Generator().manual_seed(sampling.seed)
     B = len(prompts)
@@ -153,7 +158,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         token = drop_finished(batch, token, done)
         if batch.manipulation is not None:  # the paper's random draws fresh noise at every step
             batch.manipulation = batch.manipulation.at_step(step + 1)
-        logits = decode_step(model, batch, token, efficient)
+        logits = decode_step(model, batch, token, efficient, compile)
     logits = torch.stack(step_logits, dim=1) if return_logits else None
     return Generation(new_tokens, logits)
 
@@ -177,12 +182,13 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
     L = model.config.num_layers
     if prompt_states is None:
         input_ids, attention_mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
+        padded = len({len(p) for p in prompts}) > 1  # without padding the model can use plain causal attention
         cache = None
         if mode == "cached":
             layers = None if manipulation is None else manipulation.cache_layers(L, efficient)
             cache = new_cache(model, len(prompts), input_ids.shape[1] + max_new_tokens, layers)
-        logits = model(input_ids, attention_mask, cache=cache, manipulation=manipulation, last_logits_only=True,
-                       efficient=efficient)
+        logits = model(input_ids, attention_mask if padded else None, cache=cache, manipulation=manipulation,
+                       last_logits_only=True, efficient=efficient, checked=True)
         return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
 
     input_ids, attention_mask = prompt_states.input_ids, prompt_states.attention_mask
@@ -199,20 +205,23 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
         cache.rewind(column)
     # The pass starts at layer k (k = L without a manipulation: only the head runs).
     logits = model(input_ids[:, column:], attention_mask[:, column:], cache=cache, manipulation=manipulation,
-                   last_logits_only=True, efficient=efficient, prompt_states=prompt_states.states[:, :, column:])
+                   last_logits_only=True, efficient=efficient, prompt_states=prompt_states.states[:, :, column:],
+                   checked=True)
     return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
 
 
-def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False) -> torch.Tensor:
+def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False,
+                compile: bool = False) -> torch.Tensor:
     """Append token [B] to every sequence of the batch; return the next last-position logits [B, V] (fp32)."""
     if batch.cache is None:  # faithful: rerun everything, the new token appended
         batch.input_ids = torch.cat([batch.input_ids, token[:, None]], dim=1)
         batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)[:, None]], dim=1)
         step_input, step_mask = batch.input_ids, batch.attention_mask
-    else:
-        step_input, step_mask = token[:, None], torch.ones_like(token)[:, None]
-    logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
-                   efficient=efficient)
+    else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
+        step_input, step_mask = token[:, None], None
+    forward = model.compiled_forward() if compile else model
+    logits = forward(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
+                     efficient=efficient, checked=True)
     return logits[:, -1].float()
 
 

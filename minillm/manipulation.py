@@ -27,6 +27,7 @@ code compares kind names.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -210,13 +211,37 @@ def _is_count(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def random_directions(seed: int, positions: torch.Tensor, width: int) -> torch.Tensor:
-    """Gaussian vectors [*positions.shape, width] (fp32, CPU), a fixed function of (seed, position)."""
+def random_directions(seed: int, positions: torch.Tensor, width: int, position_limit: int | None = None) -> torch.Tensor:
+    """Gaussian vectors [*positions.shape, width] (fp32, on positions' device), a fixed function of
+    (seed, position).
+
+    position_limit: every position is below it (a model's context length). The noise of positions
+    0 .. limit-1 is then made once per (seed, width, device), on the CPU block by block as always, and
+    kept on the device; each call only indexes it there, without reading positions back to the host.
+    Without it (or past `_MAX_TABLE_ROWS`), the blocks that positions need are found on the host."""
+    if position_limit is not None and position_limit <= _MAX_TABLE_ROWS:
+        return _noise_table(seed, width, -(-position_limit // _NOISE_BLOCK), positions.device)[positions]
     flat = positions.reshape(-1).cpu()
-    block_ids = torch.unique(flat // _NOISE_BLOCK)
-    table = torch.stack([
-        torch.randn(_NOISE_BLOCK, width, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(block)))
-        for block in block_ids
-    ])  # [blocks, _NOISE_BLOCK, width]
-    rows = table[torch.searchsorted(block_ids, flat // _NOISE_BLOCK), flat % _NOISE_BLOCK]
-    return rows.reshape(*positions.shape, width)
+    blocks = int(flat.max()) // _NOISE_BLOCK + 1
+    return _noise_table(seed, width, blocks, torch.device("cpu"))[flat].reshape(*positions.shape, width).to(
+        positions.device)
+
+
+# The tables held on devices: (seed, width, blocks, device) -> [blocks * _NOISE_BLOCK, width]. A few
+# only (a sweep uses one seed; 8192 positions of width 4096 are 128 MiB).
+_MAX_TABLE_ROWS = 8192
+_NOISE_TABLES: OrderedDict = OrderedDict()
+_KEPT_TABLES = 4
+
+
+def _noise_table(seed: int, width: int, blocks: int, device: torch.device) -> torch.Tensor:
+    key = (seed, width, blocks, device)
+    if key not in _NOISE_TABLES:
+        table = torch.cat([
+            torch.randn(_NOISE_BLOCK, width, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
+            for block in range(blocks)])
+        _NOISE_TABLES[key] = table.to(device)
+        if len(_NOISE_TABLES) > _KEPT_TABLES:
+            _NOISE_TABLES.popitem(last=False)
+    _NOISE_TABLES.move_to_end(key)
+    return _NOISE_TABLES[key]

@@ -72,15 +72,48 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+def rotation(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `rotate` needs, made once per pass: cos and the signed sin [-sin, +sin] (by half), in `dtype`.
+
+    The rotate-half form of RoPE is x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] for
+    the halves x1, x2 of x. Moving the minus sign into the table, rotate_half(x) * sin equals
+    [x2, x1] * [-sin, sin], and [x2, x1] is x rolled by half its width: one op instead of three.
+    (The products are the same numbers: (-a) * b == a * (-b) exactly.)"""
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos.to(dtype), signed_sin.to(dtype)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate queries or keys [B, heads, T, head_dim] with `rotation`'s tables [B, 1, T, head_dim]."""
+    cos, signed_sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys [B, heads, T, head_dim]; the fp32 tables are cast only here, at use."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    """Rotate queries or keys [B, heads, T, head_dim] with `rope_tables`' fp32 tables [B, T, head_dim]."""
+    return rotate(x, rotation(cos[:, None], sin[:, None], x.dtype))
+
+
+class RotaryEmbedding(nn.Module):
+    """The rotation tables of a pass. The inverse frequencies are a buffer, so they live on the model's
+    device (no copy from the host per pass); never saved, and kept in fp32 when the model is cast."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts floating buffers; the tables are computed in fp32 (as Hugging Face does).
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotation` tables [B, 1, T, head_dim] in `dtype` for positions [B, T]."""
+        cos, sin = rope_tables(positions, self.inv_freq)
+        return rotation(cos[:, None], sin[:, None], dtype)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -110,7 +143,7 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         copy = object.__new__(KVCache)
         copy.__dict__.update({name: value.clone() if torch.is_tensor(value) else value
                               for name, value in self.__dict__.items()})
@@ -134,7 +167,7 @@ class KVCache:
         self.values[layer, :, :, start:self.length] = values
         return self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
 
-    def layer(self, layer: int) -> "LayerCache | None":
+    def layer(self, layer: int) -> LayerCache | None:
         """Layer `layer`'s view of the cache (None above the layers this cache holds)."""
         return LayerCache(self, layer) if layer < self.num_layers else None
 
@@ -180,43 +213,62 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         keys = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(keys, *rope), values
+        return rotate(keys, rope), values
 
     def forward(self, x, rope, mask, cache: LayerCache | None = None, last_query_only: bool = False):
         """With a cache, x's keys/values fill this pass's slots and attention reads every slot so far.
+        mask: additive [B, 1, Tq, T_keys] (0 or -inf), or None for plain causal attention (see
+        `Transformer.positions_and_mask`).
         last_query_only: every position supplies keys/values, but only the last one asks (output [B, 1, D])."""
         keys, values = self.keys_values(x, rope)
         B = x.shape[0]
         if last_query_only:
-            x, rope, mask = x[:, -1:], tuple(table[:, -1:] for table in rope), mask[:, :, -1:]
+            x, rope, mask = x[:, -1:], last_position(rope), last_query(mask)
         Tq = x.shape[1]
         queries = self.q_proj(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Tq, hd]
-        queries = apply_rope(queries, *rope)
+        queries = rotate(queries, rope)
         if cache is not None:
             keys, values = cache.update(keys, values)
-        # GQA: key/value head j serves query heads j*g .. j*g+g-1
-        groups = self.num_heads // self.num_kv_heads
-        if Tq == 1:
-            # One query per sequence (every decoding step): the g query heads of key/value head j take
-            # the place of query positions, so the cached keys/values are read as they are, not copied
-            # g times. The mask [B, 1, 1, T_keys] is the same for all of them.
-            queries = queries.view(B, self.num_kv_heads, groups, self.head_dim)
-        else:
-            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         if self.implementation == "math":
             out = math_attention(queries, keys, values, mask)
+        elif Tq == 1:
+            # One query per sequence (every decoding step): the g query heads of key/value head j take
+            # the place of query positions, so the cached keys/values are read as they are, not copied
+            # g times, by any of torch's attention kernels. The mask [B, 1, 1, T_keys] is the same for all.
+            groups = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(queries.view(B, self.num_kv_heads, groups, self.head_dim),
+                                                 keys, values, attn_mask=mask)
         else:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+            # enable_gqa: key/value head j serves query heads j*g .. j*g+g-1, without copying it g times
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                 is_causal=mask is None, enable_gqa=True)
         out = out.reshape(B, self.num_heads, Tq, self.head_dim)  # [B, heads, Tq, hd]
         out = out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 
+def last_position(rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation tables [B, 1, T, head_dim] of the last position only."""
+    return tuple(table[:, :, -1:] for table in rope)
+
+
+def last_query(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask [B, 1, Tq, T_keys] of the last query only (None, plain causal, stays None:
+    the last query may read every key)."""
+    return None if mask is None else mask[:, :, -1:]
+
+
 def math_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d) + mask) v, with the softmax in fp32. mask: bool, True = may attend."""
+    """softmax(q k^T / sqrt(d) + mask) v, with the softmax in fp32. mask: additive, or None for causal.
+    Grouped-query heads: key/value head j serves query heads j*g .. j*g+g-1."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    if mask is None:  # causal, the queries being the last Tq of the keys
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq).logical_not()
+        mask = torch.zeros(Tq, Tk, device=q.device).masked_fill(mask, float("-inf"))
+    return (scores.float() + mask).softmax(dim=-1).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -263,12 +315,17 @@ def norm_matched(directions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (directions * scale).to(x.dtype)
 
 
-def keys_of_first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, 1, 1, T_keys] bool: the key slots holding positions 0 .. n-1 of each sequence, from the attention
-    mask [B, 1, T, T_keys]. The pass's last query is a real token that sees every real key (no sliding window
-    cuts it off: `_skip_attention_edits` checks), so counting the keys in its row gives their positions."""
-    key_position = mask[:, :, -1:].cumsum(dim=-1) - 1
-    return key_position < n
+def first_positions_only(mask: torch.Tensor | None, n: int, x: torch.Tensor) -> torch.Tensor:
+    """The additive attention mask [B, 1, T, T_keys] of a pass over x [B, T, D], restricted to the keys that
+    hold positions 0 .. n-1 of each sequence (skip_attention sparing the first n positions). A mask of None
+    (plain causal attention over x's tokens) is made explicit first. The pass's last query is a real token
+    that sees every real key (no sliding window cuts it off: `_skip_attention_edits` checks), so counting
+    the keys open in its row gives each key's position."""
+    if mask is None:
+        T = x.shape[1]
+        mask = torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
+    real_keys = (mask[:, :, -1:] == 0).cumsum(dim=-1)  # [B, 1, 1, T_keys]: real keys up to each slot
+    return mask.masked_fill(real_keys > n, float("-inf"))
 
 
 class Block(nn.Module):
@@ -301,7 +358,7 @@ class Block(nn.Module):
             self._cache_newest_as_frozen(edit, frozen, rope, cache)
             return torch.cat([x[:, :-1], attended + self.mlp(self.post_attention_layernorm(attended))], dim=1)
         if edit.read_first_only:  # skip_attention sparing the first n positions: only those can be read
-            mask = mask & keys_of_first_positions(mask, edit.read_first_only)
+            mask = first_positions_only(mask, edit.read_first_only, x)
         if not edit.skip_attention:  # skip_attention: no input norm, no attention; the MLP still runs
             x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
             self._cache_newest_as_frozen(edit, frozen, rope, cache)
@@ -313,7 +370,7 @@ class Block(nn.Module):
         if not edit.freeze or cache is None:
             return
         newest = self.input_layernorm(frozen[:, -1:])
-        cache.update(*self.self_attn.keys_values(newest, tuple(table[:, -1:] for table in rope)))
+        cache.update(*self.self_attn.keys_values(newest, last_position(rope)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -326,12 +383,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
         self.tie_weights()
+        self._compiled_forward = None  # see `compiled_forward`
 
     def tie_weights(self) -> None:
         """Checkpoints with tied embeddings have no lm_head weight: the output layer reuses the embedding."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def compiled_forward(self):
+        """`forward` compiled by torch.compile, made on first use and then kept; generation uses it for its
+        decode steps when asked to (`generate_tokens(compile=True)`). Compiled with dynamic shapes, so the
+        cache growing by one slot per step, or the batch shrinking, does not recompile it."""
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.forward, dynamic=True)
+        return self._compiled_forward
 
     def set_attention(self, implementation: str) -> None:
         """"sdpa" (torch's fused kernel) or "math" (the explicit formula in `math_attention`)."""
@@ -343,7 +410,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, manipulation: Manipulation | None = None,
                 output_hidden_states: bool = False, last_logits_only: bool = False, *,
-                prompt_states: torch.Tensor | None = None, efficient: bool = False):
+                prompt_states: torch.Tensor | None = None, efficient: bool = False, checked: bool = False):
         """Logits [B, T, V] for input_ids [B, T] (left-padded where attention_mask is 0).
 
         With a cache, input_ids are the new tokens only and attention_mask covers them only.
@@ -351,17 +418,21 @@ class Transformer(nn.Module):
         that actually entered each layer (after any manipulation) and H[L] the last layer's output.
         prompt_states: start at layer k from these tokens' unmanipulated H (see `start_from`).
         efficient: the same last-position logits, computing less (see `layer_edits`).
+        checked: the caller has validated attention_mask and manipulation for these sequences (generation
+        does, once per call), so the checks that read values back from the device are skipped.
         """
         L = self.config.num_layers
-        attention_mask = checked_attention_mask(input_ids, attention_mask, efficient and output_hidden_states)
-        positions, mask = self.positions_and_mask(attention_mask, cache)
-        rope = rope_tables(positions, rope_inverse_frequencies(self.config))
-        edits = self.layer_edits(manipulation, attention_mask, positions, efficient)
+        no_padding = attention_mask is None
+        attention_mask = checked_attention_mask(input_ids, attention_mask, efficient and output_hidden_states, checked)
+        positions, mask = self.positions_and_mask(attention_mask, cache, no_padding)
+        rope = self.rotary(positions, self.embed_tokens.weight.dtype)
+        edits = self.layer_edits(manipulation, attention_mask, positions, efficient, checked)
         if cache is not None:
             cache.append(attention_mask)
         caches = [None if cache is None else cache.layer(j) for j in range(L)]
         k = L if manipulation is None else manipulation.layer
-        first, x, frozen, hidden = self.start_from(input_ids, k, prompt_states, output_hidden_states)
+        first, x, frozen = self.start_from(input_ids, k, prompt_states)
+        hidden = self.states_below(first, x, prompt_states) if output_hidden_states else None
         for j in range(first, L):
             if j == k - 1:
                 frozen = x  # H[k-1]: under freeze, what previous tokens keep from layer k on
@@ -369,13 +440,14 @@ class Transformer(nn.Module):
                 newest_at_k = x[:, -1:]  # where the cached random re-pass starts (see `recache_newest_as_noise`)
             x = self.layers[j].manipulate(x, edits[j], frozen)  # H[j]
             if output_hidden_states:
-                hidden.append(x)
+                hidden[j] = x
             x = self.layers[j](x, rope, mask, caches[j], edits[j], frozen)
-        hidden.append(x)  # H[L]
+        if output_hidden_states:
+            hidden[L] = x
         if cache is not None and k < L and edits[k].random is not None:
             self.recache_newest_as_noise(newest_at_k, edits[k], rope, mask, caches, k)
         logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only or efficient else x))
-        return (logits, torch.stack(hidden)) if output_hidden_states else logits
+        return (logits, hidden) if output_hidden_states else logits
 
     def residual_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """H [L+1, B, T, D] of unmanipulated prompts: e.g. the donor states for a swap."""
@@ -383,8 +455,8 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ the named steps of `forward`
 
-    def start_from(self, input_ids, k: int, prompt_states: torch.Tensor | None, output_hidden_states: bool):
-        """Where the layer loop starts: (first layer, its input, freeze's H[k-1] if known, H below it).
+    def start_from(self, input_ids, k: int, prompt_states: torch.Tensor | None):
+        """Where the layer loop starts: (first layer, its input, freeze's H[k-1] if known).
 
         Without prompt_states: layer 0, from the token embeddings.
         Prefix reuse, with prompt_states (the unmanipulated H [L+1, B, T, D] of these same tokens): layer k,
@@ -393,9 +465,17 @@ class Transformer(nn.Module):
         tokens' unmanipulated keys/values (see `KVCache.rewind`).
         """
         if prompt_states is None:
-            return 0, self.embed_tokens(input_ids), None, []
+            return 0, self.embed_tokens(input_ids), None
         frozen = prompt_states[k - 1] if k > 0 else None
-        return k, prompt_states[k], frozen, list(prompt_states[:k]) if output_hidden_states else []
+        return k, prompt_states[k], frozen
+
+    def states_below(self, first: int, x: torch.Tensor, prompt_states: torch.Tensor | None) -> torch.Tensor:
+        """H [L+1, B, T, D], allocated once for the pass to fill layer by layer (so it never exists twice),
+        with H[0 .. first-1] already in place (prefix reuse: the prompt states')."""
+        hidden = x.new_empty(self.config.num_layers + 1, *x.shape)
+        if first > 0:
+            hidden[:first] = prompt_states[:first]
+        return hidden
 
     def recache_newest_as_noise(self, newest_at_k, edit: LayerEdit, rope, mask, caches, k: int) -> None:
         """The cached random re-pass: from the next step on, the newest token is a previous token, whose state
@@ -403,35 +483,43 @@ class Transformer(nn.Module):
         layers k..L-1 that way now. Invariant: cached generation equals the faithful rerun, because the noise
         depends on (seed, position) only, so the rerun would draw the same vector for this token."""
         newest = norm_matched(edit.random[:, -1:], newest_at_k)
-        rope_newest = tuple(table[:, -1:] for table in rope)
+        rope_newest, mask_newest = last_position(rope), last_query(mask)
         for j in range(k, self.config.num_layers):
-            newest = self.layers[j](newest, rope_newest, mask[:, :, -1:], caches[j])
+            newest = self.layers[j](newest, rope_newest, mask_newest, caches[j])
 
-    def positions_and_mask(self, attention_mask: torch.Tensor, cache: KVCache | None):
-        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, T_keys] for the pass's tokens, which
-        take the cache's next slots. Pure: the cache is read, never written."""
+    def positions_and_mask(self, attention_mask: torch.Tensor, cache: KVCache | None, no_padding: bool = False):
+        """RoPE positions [B, T] and the additive attention mask [B, 1, T, T_keys] (0 where a query may attend,
+        -inf elsewhere, in the model's dtype) for the pass's tokens, which take the cache's next slots.
+        The mask is None when attention is plain causal attention: no padding (no_padding: the caller gave
+        no attention_mask), nothing cached before this pass, no sliding window cutting in; torch's kernels
+        then skip the mask altogether. Pure: the cache is read, never written."""
         B, T = attention_mask.shape
         device = attention_mask.device
+        start = 0 if cache is None else cache.length
+        window = self.config.sliding_window
+        if no_padding and start == 0:
+            positions = torch.arange(T, device=device).expand(B, T)
+            if window is None or T <= window:
+                return positions, None
         # Left padding shifts positions: each sequence's first real token gets position 0.
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        start = 0
         key_valid = attention_mask
         if cache is not None:
-            start = cache.length
             positions = positions + cache.next_position[:, None]
             key_valid = torch.cat([cache.key_valid[:, :start], attention_mask], dim=1)
         query_slot = torch.arange(start, start + T, device=device)[:, None]
         key_slot = torch.arange(start + T, device=device)[None, :]
         allowed = key_slot <= query_slot  # causal
-        if self.config.sliding_window is not None:
-            allowed = allowed & (key_slot > query_slot - self.config.sliding_window)
+        if window is not None:
+            allowed = allowed & (key_slot > query_slot - window)
         allowed = allowed[None] & key_valid[:, None, :]
         # A padding query would see no key at all (softmax of nothing = NaN): let it see itself.
         allowed = allowed | (key_slot == query_slot)[None]
-        return positions, allowed[:, None]
+        blocked = torch.zeros(allowed.shape, dtype=self.embed_tokens.weight.dtype, device=device)
+        return positions, blocked.masked_fill_(~allowed, float("-inf"))[:, None]
 
     def layer_edits(self, manipulation: Manipulation | None, attention_mask, positions,
-                    efficient: bool = False) -> list[LayerEdit]:
+                    efficient: bool = False, checked: bool = False) -> list[LayerEdit]:
         """One LayerEdit per layer for this pass (NO_EDIT where the layer's input is left alone).
 
         efficient: compute previous tokens only as far as anyone reads them. Invariant: the same
@@ -443,7 +531,8 @@ class Transformer(nn.Module):
         L = self.config.num_layers
         if manipulation is None:
             return [NO_EDIT] * L
-        manipulation.check(L, self.config.hidden_size, (positions[:, -1] + 1).tolist())
+        if not checked:  # (the lengths are read from the device)
+            manipulation.check(L, self.config.hidden_size, (positions[:, -1] + 1).tolist())
         if manipulation.layer == L:  # k = L: no layer's view is altered
             return [NO_EDIT] * L
         # Previous tokens: real positions except each sequence's last (the last column, as we pad on the left).
@@ -460,7 +549,9 @@ class Transformer(nn.Module):
                 "skip_attention": self._skip_attention_edits}
 
     def _random_edits(self, manipulation, previous, attention_mask, positions, efficient):
-        noise = random_directions(manipulation.noise_seed, positions, self.config.hidden_size).to(positions.device)
+        # The paper's per-step noise changes seed at every step: a whole-context table per step would waste.
+        limit = None if manipulation.fresh_noise_each_step else self.config.max_position_embeddings
+        noise = random_directions(manipulation.noise_seed, positions, self.config.hidden_size, position_limit=limit)
         return self._at_layer(manipulation.layer, LayerEdit(previous=previous, random=noise))
 
     def _freeze_edits(self, manipulation, previous, attention_mask, positions, efficient):
@@ -504,14 +595,15 @@ class Transformer(nn.Module):
 
 
 def checked_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                           efficient_with_hidden_states: bool = False) -> torch.Tensor:
-    """The attention mask as bool (all ones when None), after the checks every pass needs."""
+                           efficient_with_hidden_states: bool = False, checked: bool = False) -> torch.Tensor:
+    """The attention mask as bool (all ones when None), after the checks every pass needs (the value check,
+    which reads from the device, only for a mask given and not already `checked`)."""
     if efficient_with_hidden_states:
         raise ValueError("efficient computes the last position only; it cannot return hidden states")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        return torch.ones_like(input_ids, dtype=torch.bool)
     attention_mask = attention_mask.to(torch.bool)
-    if not attention_mask[:, -1].all():
+    if not checked and not attention_mask[:, -1].all():
         raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
     return attention_mask
 

@@ -1,0 +1,96 @@
+"""Every speed path of the model equals the plain path it replaces (fp32, tiny random models).
+
+- plain causal attention (no mask at all, `is_causal`) against the additive mask of an all-ones attention mask;
+- the rolled RoPE rotation against the textbook rotate-half formula;
+- the noise tables kept on the device against the host path, and against the definition of the noise;
+- the RoPE frequencies stay an fp32 buffer when the model is cast, and loading turns gradients off.
+"""
+
+import pytest
+import torch
+import transformers
+
+from minillm.checkpoint import load_model
+from minillm.config import ModelConfig
+from minillm.generate import new_cache
+from minillm.manipulation import random_directions
+from minillm.model import Transformer, apply_rope, rope_inverse_frequencies, rope_tables
+
+NOISE_BLOCK = 64  # the noise's definition: block b of seed s is drawn from a generator seeded s * 1_000_003 + b
+
+
+def tiny_model(sliding_window=None, num_kv_heads=2) -> Transformer:
+    config = ModelConfig(architecture="MistralForCausalLM" if sliding_window else "LlamaForCausalLM",
+                         vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                         num_kv_heads=num_kv_heads, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position_embeddings=300, sliding_window=sliding_window)
+    torch.manual_seed(0)
+    model = Transformer(config).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("window,length", [(None, 20), (6, 5), (6, 20)])
+def test_causal_attention_without_a_mask_equals_the_masked_path(attention, window, length):
+    model = tiny_model(sliding_window=window)
+    model.set_attention(attention)
+    ids = torch.randint(1, 60, (2, length), generator=torch.Generator().manual_seed(1))
+    plain = model(ids, torch.ones_like(ids))  # an explicit mask: the additive-mask path
+    _, mask = model.positions_and_mask(torch.ones_like(ids, dtype=torch.bool), None, no_padding=True)
+    assert (mask is None) == (window is None or length <= window)  # a window that cuts in needs the mask
+    torch.testing.assert_close(model(ids), plain, rtol=0, atol=1e-5)
+
+
+def test_a_cached_pass_without_padding_equals_the_masked_one():
+    model = tiny_model()
+    ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    results = []
+    for mask in (None, torch.ones_like(ids)):
+        cache = new_cache(model, 2, 12)
+        first = model(ids[:, :7], mask if mask is None else mask[:, :7], cache=cache)
+        rest = model(ids[:, 7:], mask if mask is None else mask[:, 7:], cache=cache)
+        results.append(torch.cat([first, rest], dim=1))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-5)
+
+
+def test_rolled_rotation_is_the_rotate_half_formula():
+    x = torch.randn(2, 4, 5, 8)
+    positions = torch.arange(5).expand(2, 5)
+    cos, sin = rope_tables(positions, rope_inverse_frequencies(tiny_model().config))
+    first, second = x.chunk(2, dim=-1)
+    textbook = x * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
+    assert torch.equal(apply_rope(x, cos, sin), textbook)
+
+
+def test_noise_tables_on_the_device_equal_the_host_path_and_the_definition():
+    positions = torch.tensor([[0, 3, 63, 64, 65], [130, 129, 2, 1, 0]])
+    on_device = random_directions(7, positions, 16, position_limit=300)
+    on_host = random_directions(7, positions, 16)
+    assert torch.equal(on_device, on_host)
+    def block(b):
+        return torch.randn(NOISE_BLOCK, 16, generator=torch.Generator().manual_seed(7 * 1_000_003 + b))
+
+    assert torch.equal(on_device[1, 0], block(2)[130 - 2 * NOISE_BLOCK])
+    assert torch.equal(on_device[0, 3], block(1)[0])
+    assert not torch.equal(random_directions(8, positions, 16, position_limit=300), on_device)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = tiny_model()
+    exact = model.rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, exact)
+    assert "rotary.inv_freq" not in model.state_dict()
+
+
+def test_loading_gives_fp32_frequencies_and_no_gradients(tmp_path):
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary.inv_freq, rope_inverse_frequencies(model.config))
