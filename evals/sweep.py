@@ -357,6 +357,7 @@ def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[tuple[Batc
                 if not indices:
                     continue
                 if states_batch is not batch:  # units come batch by batch: one unmanipulated pass per batch
+                    prompt_states = None  # free the previous batch's states (H and cache) before the next pass
                     prompt_states, states_batch = batch_prompt_states(model, tokenizer, batch), batch
                 bar.set_description(f"{batch.task.name} {condition.kind} k={condition.k}")
                 manipulation = condition.manipulation()
