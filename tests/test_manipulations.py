@@ -495,7 +495,7 @@ def test_manipulations_match_the_hook_reference_on_tiny_models(name, attention):
         reused = model(ids, manipulation=manipulation, prompt_states=states)
         torch.testing.assert_close(reused, reference, atol=TINY_ATOL, rtol=0, msg=lambda m: f"{kind} k={k} reuse: {m}")
         # The efficiency mode multiplies matrices of other shapes, so fp32 rounds differently: on an AMD EPYC
-        # (AVX2) freeze k=1 differs by 1.2e-5 on a logit of 1.8 (6e-6 relative); hence rtol as well.
+        # (AVX-512, AVX512-BF16) freeze k=1 differs by 1.2e-5 on a logit of 1.8 (6e-6 relative); hence rtol as well.
         efficient = model(ids, manipulation=manipulation, efficient=True)
         torch.testing.assert_close(efficient[:, -1], reference[:, -1], atol=TINY_ATOL, rtol=1e-5,
                                    msg=lambda m: f"{kind} k={k} efficient: {m}")
