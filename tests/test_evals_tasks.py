@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from evals.context_qa import context_qa
 from evals.metrics import normalize_answer, split_sentences
 from evals.tasks import (
     CAPITALS_SHOTS,
@@ -19,6 +18,7 @@ from evals.tasks import (
     Example,
     Task,
     chance_level,
+    context_qa,
     describe_tasks,
     evenly_spaced,
     get_task,
