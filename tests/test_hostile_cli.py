@@ -114,7 +114,10 @@ def test_unexpected_errors_keep_their_traceback(capsys, monkeypatch):
 
 def test_sigint_during_generate_says_interrupted_and_exits_130(tiny):
     # A real SIGINT, sent by the process to itself in the middle of generating.
+    # A job started in the background by a non-interactive shell (as CI may start the suite) inherits SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt: give the child Python's usual handler.
     script = ("import os, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "import minillm\n"
               "from minillm.cli import main\n"
               "minillm.generate = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or signal.pause()\n"
