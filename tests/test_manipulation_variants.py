@@ -19,6 +19,7 @@ from test_manipulations import (  # noqa: F401 (smollm2, smollm2_hf: fixtures)
     PAIRED_KERNELS,
     SMOLLM2_ATOL,
     TINY_ATOL,
+    layers_that_attend,
     padded_batch,
     reference_manipulation,
     run,
@@ -147,14 +148,8 @@ def test_skip_attention_window_skips_attention_in_the_window_only():
     model, _ = tiny_pair("gqa")
     L = model.config.num_layers
     _, ids, mask = padded_batch()
-    called = []
-    handles = [block.self_attn.register_forward_hook(lambda m, a, o, j=j: called.append(j))
-               for j, block in enumerate(model.layers)]
-    try:
-        model(ids, mask, manipulation=Manipulation("skip_attention", 1, window=2))
-    finally:
-        for handle in handles:
-            handle.remove()
+    called, _ = layers_that_attend(model, lambda: model(ids, mask, manipulation=Manipulation("skip_attention", 1,
+                                                                                          window=2)))
     assert called == [0] + list(range(3, L))
 
 

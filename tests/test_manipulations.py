@@ -357,19 +357,25 @@ def test_skip_attention_from_layer_0_makes_the_last_token_blind_to_previous_toke
     assert (model(other, manipulation=one)[:, -1] - model(ids, manipulation=one)[:, -1]).abs().max() > 1e-2
 
 
+def layers_that_attend(model, forward):
+    """(the layers whose attention module ran, in order; forward()'s result)."""
+    called = []
+    handles = [block.self_attn.register_forward_hook(lambda m, a, o, j=j: called.append(j))
+               for j, block in enumerate(model.layers)]
+    try:
+        result = forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called, result
+
+
 @pytest.mark.parametrize("k", [0, 2, 3])
 def test_skip_attention_layers_from_k_run_only_their_mlp_and_never_attend(k):
     model, _ = tiny_pair("gqa")
     L = model.config.num_layers
     _, ids, mask = padded_batch()
-    called = []
-    handles = [block.self_attn.register_forward_hook(lambda m, a, o, j=j: called.append(j))
-               for j, block in enumerate(model.layers)]
-    try:
-        _, H = run(model, ids, mask, Manipulation("skip_attention", k))
-    finally:
-        for handle in handles:
-            handle.remove()
+    called, (_, H) = layers_that_attend(model, lambda: run(model, ids, mask, Manipulation("skip_attention", k)))
     assert called == list(range(k))  # attention (and its K/V) only below k
     _, H_plain = run(model, ids, mask)
     assert torch.equal(H[:k + 1], H_plain[:k + 1])
