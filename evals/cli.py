@@ -76,7 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     with claimed_folder(args.out, shard.filename):  # refuses a second writer before the model loads
         model, tokenizer = load_from_arguments(args)
         result = run_sweep(model, tokenizer, tasks, kinds, grid, args.out, model_name=args.model, seeds=args.seeds,
-                           batch_size=args.batch_size, shard=shard)
+                           batch_size=resolved_batch_size(args, model, tokenizer, tasks), shard=shard)
     print(results_table(result.summaries))
     part = "" if shard.count == 1 else f" (shard {shard.index}/{shard.count} only: `minillm report` merges the shards)"
     print(f"results: {result.path}{part}")
@@ -84,7 +84,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_swap(args: argparse.Namespace) -> None:
     from evals.results import SweepError, claimed_folder
-    from evals.swap import SWAP_FILE, run_swap
+    from evals.swap import SWAP_FILE, run_swap, swap_task
     from evals.sweep import LayerGrid
 
     grid = LayerGrid.parse(args.layers)
@@ -92,8 +92,9 @@ def cmd_swap(args: argparse.Namespace) -> None:
         raise SweepError(f"--limit must be at least 2 countries, got {args.limit}")
     with claimed_folder(args.out, SWAP_FILE):
         model, tokenizer = load_from_arguments(args)
+        batch_size = resolved_batch_size(args, model, tokenizer, [swap_task(args.limit)])
         path = run_swap(model, tokenizer, grid, args.out, model_name=args.model, limit=args.limit,
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=batch_size, seed=args.seed)
     print(f"results: {path}")
 
 
@@ -127,11 +128,11 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     with claimed_folder(out, Shard().filename), claimed_folder(out, SWAP_FILE):
         started = time.perf_counter()
         model, tokenizer = load_from_arguments(args)
+        batch_size = resolved_batch_size(args, model, tokenizer, tasks)  # the swap's prompts are shorter
         run_sweep(model, tokenizer, tasks, REPRODUCE_KINDS, grid, out, model_name=args.model, seeds=args.seeds,
-                  batch_size=args.batch_size)
+                  batch_size=batch_size)
         swept = time.perf_counter()
-        run_swap(model, tokenizer, swap_grid, out, model_name=args.model, limit=swap_limit,
-                 batch_size=args.batch_size)
+        run_swap(model, tokenizer, swap_grid, out, model_name=args.model, limit=swap_limit, batch_size=batch_size)
         swapped = time.perf_counter()
         # Run time is kept apart from the results, which must be the same bytes on every run.
         settings = {name: value for name, value in vars(args).items() if name not in ("run", "command")}
@@ -147,13 +148,38 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"took {timing['total_s'] / 60:.1f} min" + (" (smoke run: --quick)" if args.quick else ""))
 
 
+def batch_size_argument(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def resolved_batch_size(args: argparse.Namespace, model, tokenizer, tasks) -> int:
+    """--batch-size as a number: 'auto' sized now that the model is loaded (and said on stderr)."""
+    from evals.sweep import auto_batch_size
+
+    if args.batch_size != "auto":
+        return args.batch_size
+    size = auto_batch_size(model, tokenizer, tasks)
+    print(f"--batch-size auto: {size}", file=sys.stderr)
+    return size
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers: str | None = "all") -> None:
     default = (f"sweep {REPRODUCE_LAYERS}, swap {REPRODUCE_SWAP_LAYERS}; --quick: {QUICK_LAYERS}" if layers is None
                else "%(default)s")
     parser.add_argument("--layers", default=layers,
                         help="k values: 'all' or START:STOP:STEP, STOP included, empty STOP = L (e.g. 0:30:3, 0::3); "
                              f"the baseline k = L is always run (default: {default})")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts generated together")
+    parser.add_argument("--batch-size", type=batch_size_argument, default=batch_size,
+                        help="prompts generated together; 'auto': the largest batch that fits the device's memory "
+                             "(half the available RAM on the CPU) for the longest prompt, recorded in run.json")
 
 
 def register_harness_commands(commands) -> None:

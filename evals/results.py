@@ -308,7 +308,8 @@ def describe(path: str) -> str:
 
 def extend(old: dict, new: dict) -> tuple[dict, list[str]]:
     """The manifest of the run extended by `new`, and what the extension adds, in words."""
-    merged, added = dict(old), []
+    # Settings that must match (checked before this) are recorded as they are: batch size, the swap's seed.
+    merged, added = old | {key: value for key, value in new.items() if key not in EXTENDABLE}, []
     for key in EXTENDABLE:
         if key not in new:
             continue

@@ -187,6 +187,17 @@ def length_sorted_batches(task: Task, examples: Sequence[Example], tokenizer: To
             for chunk in (order[start:start + batch_size] for start in range(0, len(order), batch_size))]
 
 
+def auto_batch_size(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task]) -> int:
+    """`--batch-size auto`: the largest batch whose longest prompt plus answer budget, with its shared prompt
+    states, fits the memory budget of the model's device (see `minillm.memory`)."""
+    from minillm import memory
+
+    longest = max(len(tokenizer.encode(task.prompt(example))) for task in tasks for example in task.examples)
+    weight = model.embed_tokens.weight
+    return memory.auto_batch_size(model.config, weight.dtype, longest, max(task.max_new_tokens for task in tasks),
+                                  memory.memory_budget(weight.device))
+
+
 def task_manifest(task: Task, tokenizer: Tokenizer) -> dict:
     """What must not change between the runs that fill one folder with a task's records."""
     return {"examples": len(task.examples),

@@ -400,3 +400,29 @@ def test_under_torchrun_cuda_means_this_ranks_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert (device_of_this_rank("cuda"), device_of_this_rank("cuda:0"), device_of_this_rank("cpu")) == (
         "cuda:3", "cuda:0", "cpu")
+
+
+# ----------------------------------------------------------------------------- --batch-size auto
+
+def test_batch_size_auto_sizes_the_batch_from_the_memory_budget(tiny_dir, tmp_path, monkeypatch, capsys):
+    from minillm import memory
+    from minillm.config import ModelConfig
+
+    config = ModelConfig.from_hf(json.loads((tiny_dir / "config.json").read_text()))
+    task = get_task("capitals", limit=5)
+    tokenizer = load_tokenizer(tiny_dir)
+    longest = max(len(tokenizer.encode(task.prompt(example))) for example in task.examples)
+    each = memory.bytes_per_sequence(config, torch.float32, longest, task.max_new_tokens, True)
+    argv = ["sweep", "--model", str(tiny_dir), "--task", "capitals", "--manipulation", "freeze", "--layers", "0:4:2",
+            "--limit", "5", "--batch-size", "auto"]
+    for fits, expected in ((3.5, 3), (1.2, 1)):  # the budget holds 3.5 (1.2) sequences beside the headroom
+        monkeypatch.setattr(memory, "memory_budget", lambda device, fits=fits: int(fits * each / 0.8))
+        assert main(argv + ["--out", str(tmp_path / str(expected))]) == 0
+        assert f"--batch-size auto: {expected}\n" in capsys.readouterr().err
+    assert json.loads((tmp_path / "3" / "run.json").read_text())["sweep"]["batch_size"] == 3
+    # the batch size is part of the run (other shapes round differently): resuming with another is refused
+    monkeypatch.setattr(memory, "memory_budget", lambda device: int(1.2 * each / 0.8))
+    assert main(argv + ["--out", str(tmp_path / "3")]) == 2
+    assert "holds results for batch size (--batch-size) 3, this run has 1" in capsys.readouterr().err
+    assert main(["sweep", "--batch-size", "many"]) == 2
+    assert "argument --batch-size: expected a whole number or 'auto', got 'many'" in capsys.readouterr().err

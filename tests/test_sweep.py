@@ -149,7 +149,7 @@ def test_cli_sweep_swap_and_report_end_to_end(tiny_dir, tmp_path, capsys):
     (["--shard", "one/two"], "--shard must be I/N"),
     (["--limit", "0"], "argument --limit: must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
 ])
 def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, arguments, message):
     out = tmp_path / "run"
