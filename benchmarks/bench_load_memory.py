@@ -199,14 +199,6 @@ def checkpoint_bytes(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------- measuring (in a child process)
 
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def child_main(folder: str, dtype_name: str, device_name: str) -> None:
     """Runs in the fresh process: load the checkpoint and print one JSON line of memory figures."""
     import resource
@@ -218,7 +210,7 @@ def child_main(folder: str, dtype_name: str, device_name: str) -> None:
     device = common.parse_device(device_name)
     if device.type == "cuda":
         torch.cuda.init()  # the CUDA context's host memory belongs to the baseline, not to the loading
-    baseline_kb = proc_status_kb("VmRSS")  # Python, torch and minillm imported, nothing loaded yet
+    baseline_kb = common.proc_status_kb("VmRSS")  # Python, torch and minillm imported, nothing loaded yet
     with common.Timer(device) as timer:
         model = load_model(folder, dtype=getattr(torch, dtype_name), device=device)
     seconds = timer.wall
@@ -226,8 +218,8 @@ def child_main(folder: str, dtype_name: str, device_name: str) -> None:
     print(json.dumps({
         "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "baseline_kb": baseline_kb,
-        "vmhwm_kb": proc_status_kb("VmHWM"),
-        "vmrss_after_kb": proc_status_kb("VmRSS"),
+        "vmhwm_kb": common.proc_status_kb("VmHWM"),
+        "vmrss_after_kb": common.proc_status_kb("VmRSS"),
         "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "weights_bytes": sum(p.numel() * p.element_size() for p in unique),
         "largest_tensor_bytes": max(p.numel() * p.element_size() for p in unique),

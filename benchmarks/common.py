@@ -73,7 +73,8 @@ class Timer:
         self.cpu = time.process_time() - self._cpu
 
 
-def _proc_status_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (-1 where the kernel has none)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -97,7 +98,7 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak bytes since the last reset_peak_memory, and what they are."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    return _proc_status_kb("VmHWM") * 1024, "host peak RSS (VmHWM, the whole process)"
+    return proc_status_kb("VmHWM") * 1024, "host peak RSS (VmHWM, the whole process)"
 
 
 def format_peak_memory(device: torch.device) -> str:

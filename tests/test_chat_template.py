@@ -5,14 +5,10 @@ import json
 import pytest
 
 from minillm.tokenizer import ChatTemplate, TokenizerError, load_tokenizer
+from tests import test_tokenizer
 from tests.test_tokenizer import LLAMA2_CHAT_TEMPLATE, MISTRAL_CHAT_TEMPLATE
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer in one word."},
-     {"role": "user", "content": "Capital of Italy?"},
-     {"role": "assistant", "content": " Rome "},
-     {"role": "user", "content": "And of Spain?\n"}],
+CONVERSATIONS = test_tokenizer.CONVERSATIONS + [
     [{"role": "user", "content": "Q: 2+2?\nA:"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "Q: <b>3+3</b> & \"quotes\"?\nA:"}],
 ]
