@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from minillm.errors import ManipulationError
-from minillm.inputs import check_generation
+from minillm.inputs import check_generation, check_sampling
 from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
 
@@ -44,12 +44,7 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_float_max_new_tokens_in_generate_tokens(loaded):
 ])
 def test_nan_sampling_settings(loaded, field, value, message):
     sampling = Sampling()
-    setattr(sampling, field, value)  # Sampling's own check lets NaN through (NaN < 0 is false)
+    setattr(sampling, field, value)  # changed after Sampling checked it: generation checks again
     with pytest.raises(UsageError, match=message):
         generate_tokens(loaded[0], [[1, 5]], 2, sampling=sampling)
 
@@ -127,3 +127,14 @@ def test_every_error_is_the_projects_own():
     from minillm.manipulation import ManipulationError as FromManipulation
     from minillm.tokenizer import TokenizerError
     assert (ConfigError, CheckpointError, TokenizerError, FromManipulation, AssetError) == tuple(kinds[:5])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": math.nan}, "sampling.temperature must be a finite number"),
+    ({"temperature": -1.0}, "sampling.temperature must be a finite number >= 0"),
+    ({"top_p": 0.0}, r"sampling.top_p must be a number in \(0, 1\]"),
+    ({"top_k": -2}, "sampling.top_k must be >= 0"),
+])
+def test_sampling_refuses_bad_settings_when_made(options, message):
+    with pytest.raises(UsageError, match=message):
+        Sampling(**options)
