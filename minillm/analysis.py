@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.model import Transformer, apply_rope, rope_inverse_frequencies, rope_tables
+from minillm.model import Transformer, rope_inverse_frequencies, rope_tables, rotation
 
 
 @torch.no_grad()
@@ -78,11 +78,9 @@ def layer_attention(model: Transformer, states: torch.Tensor, layer: int, positi
     rope_positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
     cos, sin = rope_tables(rope_positions, rope_inverse_frequencies(config))
     attn = block.self_attn
-    q = attn.q_proj(x).view(B, T, config.num_heads, config.head_dim).transpose(1, 2)  # [B, heads, T, hd]
-    k = attn.k_proj(x).view(B, T, config.num_kv_heads, config.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
-    v = attn.v_proj(x).view(B, T, config.num_kv_heads, config.head_dim).transpose(1, 2)
-    q = apply_rope(q, cos, sin)[:, :, query_position]  # [B, heads, hd]
-    k = apply_rope(k, cos, sin)
+    # q [B, heads, T, hd]; k, v [B, kv_heads, T, hd]
+    q, k, v = attn.project(x, rotation(cos[:, None], sin[:, None], x.dtype))
+    q = q[:, :, query_position]  # [B, heads, hd]
     # Grouped-query attention: key/value head h serves query heads h*g .. h*g+g-1.
     k = k.repeat_interleave(config.kv_groups, dim=1)  # [B, heads, T, hd]
     v = v.repeat_interleave(config.kv_groups, dim=1)

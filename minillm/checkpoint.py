@@ -42,7 +42,7 @@ import torch
 
 from minillm.config import ModelConfig, read_json_file
 from minillm.errors import CheckpointError
-from minillm.model import Transformer, rope_inverse_frequencies
+from minillm.model import Transformer, rope_inverse_frequencies, stack_projections
 
 __all__ = ["CheckpointError", "check_manifest", "load_manifest", "load_model", "resolve_checkpoint"]
 
@@ -203,6 +203,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
 
+    stack_projections(state, config)  # here, not in load_state_dict's hook, which works on a copy of `state`
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()  # assign=True gave lm_head its own tensor: share the embedding again

@@ -35,11 +35,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in at least fp32 (bf16 sums of squares lose too much; fp64 stays fp64), cast back,
-        # *then* scale: the order Hugging Face uses, so half-precision results round the same way.
+        """x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
+
+        Normalised in at least fp32 (bf16 sums of squares lose too much; fp64 stays fp64), cast back, *then*
+        scaled: the order Hugging Face uses, so half-precision results round the same way. torch's rms_norm
+        runs exactly the textbook ops on the CPU (same numbers), and one fused kernel on a GPU."""
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * wide.to(x.dtype)
+        return self.weight * F.rms_norm(wide, (wide.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -88,11 +90,6 @@ def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
     """Rotate queries or keys [B, heads, T, head_dim] with `rotation`'s tables [B, 1, T, head_dim]."""
     cos, signed_sin = rope
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys [B, heads, T, head_dim] with `rope_tables`' fp32 tables [B, T, head_dim]."""
-    return rotate(x, rotation(cos[:, None], sin[:, None], x.dtype))
 
 
 class RotaryEmbedding(nn.Module):
@@ -202,31 +199,33 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        # The query, key and value projections of one input, stacked in one matrix (rows: q, k, v): one matmul
+        # instead of three. Checkpoints keep them apart, as q_proj, k_proj and v_proj: see `stacked_projections`.
+        self.qkv_proj = nn.Linear(config.hidden_size, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,
+                                  bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.implementation = "sdpa"  # or "math": the explicit softmax(QK^T/sqrt(d))V below
 
-    def keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Rotated keys and values [B, kv_heads, T, head_dim] of normed inputs x [B, T, D]."""
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], with_queries: bool = True):
+        """Rotated queries [B, heads, T, hd], rotated keys and values [B, kv_heads, T, hd] of normed inputs x [B, T, D].
+        with_queries=False: keys and values only (the k and v rows of the matrix), queries empty [B, 0, T, hd]."""
         B, T, _ = x.shape
-        keys = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return rotate(keys, rope), values
+        H = self.num_heads if with_queries else 0
+        weight = self.qkv_proj.weight[(self.num_heads - H) * self.head_dim:]
+        qkv = F.linear(x, weight).view(B, T, H + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
+        rotated = rotate(qkv[:, :H + self.num_kv_heads], rope)  # queries and keys turn alike: one rotation for both
+        return rotated[:, :H], rotated[:, H:], qkv[:, H + self.num_kv_heads:]
 
     def forward(self, x, rope, mask, cache: LayerCache | None = None, last_query_only: bool = False):
         """With a cache, x's keys/values fill this pass's slots and attention reads every slot so far.
         mask: additive [B, 1, Tq, T_keys] (0 or -inf), or None for plain causal attention (see
         `Transformer.positions_and_mask`).
         last_query_only: every position supplies keys/values, but only the last one asks (output [B, 1, D])."""
-        keys, values = self.keys_values(x, rope)
-        B = x.shape[0]
+        queries, keys, values = self.project(x, rope, with_queries=not last_query_only)
         if last_query_only:
-            x, rope, mask = x[:, -1:], last_position(rope), last_query(mask)
-        Tq = x.shape[1]
-        queries = self.q_proj(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, Tq, hd]
-        queries = rotate(queries, rope)
+            queries = self.project(x[:, -1:], last_position(rope))[0]
+            mask = last_query(mask)
+        B, _, Tq, _ = queries.shape
         if cache is not None:
             keys, values = cache.update(keys, values)
         if self.implementation == "math":
@@ -236,7 +235,7 @@ class Attention(nn.Module):
             # the place of query positions, so the cached keys/values are read as they are, not copied
             # g times, by any of torch's attention kernels. The mask [B, 1, 1, T_keys] is the same for all.
             groups = self.num_heads // self.num_kv_heads
-            out = F.scaled_dot_product_attention(queries.view(B, self.num_kv_heads, groups, self.head_dim),
+            out = F.scaled_dot_product_attention(queries.reshape(B, self.num_kv_heads, groups, self.head_dim),
                                                  keys, values, attn_mask=mask)
         else:
             # enable_gqa: key/value head j serves query heads j*g .. j*g+g-1, without copying it g times
@@ -272,16 +271,17 @@ def math_attention(q, k, v, mask):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate and up projections are stacked in one matrix (one matmul);
+    checkpoints keep them apart, as gate_proj and up_proj: see `stacked_projections`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------- block
@@ -370,7 +370,8 @@ class Block(nn.Module):
         if not edit.freeze or cache is None:
             return
         newest = self.input_layernorm(frozen[:, -1:])
-        cache.update(*self.self_attn.keys_values(newest, last_position(rope)))
+        _, keys, values = self.self_attn.project(newest, last_position(rope), with_queries=False)
+        cache.update(keys, values)
 
 
 # ----------------------------------------------------------------------------- model
@@ -386,6 +387,11 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.tie_weights()
         self._compiled_forward = None  # see `compiled_forward`
+        # State dicts name weights as checkpoints do, both ways: see `stacked_projections`.
+        self.register_state_dict_post_hook(
+            lambda module, state, prefix, metadata: split_stacked_projections(state, module.config, prefix))
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *rest: stack_projections(state, module.config, prefix))
 
     def tie_weights(self) -> None:
         """Checkpoints with tied embeddings have no lm_head weight: the output layer reuses the embedding."""
@@ -558,7 +564,8 @@ class Transformer(nn.Module):
         """Layers k .. end-1 (end = L, or k + window). A window's last layer runs previous tokens in full: from
         its output they evolve again. Spared positions keep evolving, so the efficiency mode cannot skip them."""
         L, end = self.config.num_layers, manipulation.end_layer(self.config.num_layers)
-        efficient = efficient and not manipulation.spare_first
+        # (With one token, a decoding step, there are no previous tokens in the pass to save work on.)
+        efficient = efficient and not manipulation.spare_first and previous.shape[1] > 1
         first = manipulation.layer - 1 if efficient else manipulation.layer  # layer k-1's outputs are overwritten too
         edit = LayerEdit(previous=previous, freeze=True, last_token_only=efficient)
         flows_on = replace(edit, last_token_only=False) if end < L else edit
@@ -606,6 +613,46 @@ def checked_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not checked and not attention_mask[:, -1].all():
         raise ValueError("attention_mask: every sequence must end with a real token (pad on the left)")
     return attention_mask
+
+
+# ----------------------------------------------------------------------------- checkpoint names
+
+def stacked_projections(config: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Each layer's stacked matrices (names relative to the layer), with the checkpoint tensors they stack in
+    order: their names, as Hugging Face checkpoints have them, and their rows.
+
+    State dicts use the checkpoints' names both ways (`Transformer` registers the two functions below as
+    hooks): `load_state_dict` takes a checkpoint's tensors, and `state_dict()` gives what a checkpoint holds."""
+    q, kv, ffn = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    return {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                          ("self_attn.v_proj.weight", kv)),
+            "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", ffn), ("mlp.up_proj.weight", ffn))}
+
+
+def stack_projections(state: dict, config: ModelConfig, prefix: str = "") -> None:
+    """Checkpoint names -> this model's, in place: each layer's parts give way to their stacked matrix. Each part
+    leaves `state` as it is stacked, so whoever holds `state` holds one matrix twice at most, for a moment."""
+    for j in range(config.num_layers):
+        layer = f"{prefix}layers.{j}."
+        for stacked, parts in stacked_projections(config).items():
+            names = [layer + part for part, _ in parts]
+            if all(name in state for name in names):
+                state[layer + stacked] = torch.cat([state.pop(name) for name in names])
+
+
+def split_stacked_projections(state: dict, config: ModelConfig, prefix: str = "") -> None:
+    """This model's names -> the checkpoint's, in place, keeping the order: each stacked matrix becomes its parts,
+    as views of it (no copy)."""
+    splits = {f"{prefix}layers.{j}.{stacked}": [(f"{prefix}layers.{j}.{part}", rows) for part, rows in parts]
+              for j in range(config.num_layers) for stacked, parts in stacked_projections(config).items()}
+    items = list(state.items())
+    state.clear()
+    for name, tensor in items:
+        if name in splits:
+            pieces = tensor.split([rows for _, rows in splits[name]])
+            state.update((part, piece) for (part, _), piece in zip(splits[name], pieces, strict=True))
+        else:
+            state[name] = tensor
 
 
 def hf_hidden_states(model: Transformer, states: torch.Tensor) -> torch.Tensor:

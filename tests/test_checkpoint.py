@@ -133,7 +133,7 @@ def test_bf16_cast_happens_at_load(saved, hf_model, monkeypatch):
     assert model.embed_tokens.weight.data_ptr() == handed_over["embed_tokens.weight"].data_ptr()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     hf_q = hf_model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
-    assert torch.equal(model.layers[1].self_attn.q_proj.weight, hf_q.to(torch.bfloat16))
+    assert torch.equal(model.state_dict()["layers.1.self_attn.q_proj.weight"], hf_q.to(torch.bfloat16))
 
 
 def test_recomputed_rope_tables_in_old_checkpoints_are_ignored(folder, hf_model):
@@ -360,3 +360,23 @@ def test_real_manifest_is_well_formed():
         for file in entry["files"] or []:
             assert set(file) == {"name", "bytes", "sha256"}, name
         assert entry["obtain"] and entry["licence"], name
+
+
+def test_stacked_projections_load_from_and_save_to_the_checkpoint_names(saved, hf_model):
+    """q/k/v (and gate/up) are one matrix each in the model, rows in checkpoint order; state dicts keep the
+    checkpoint's tensors, as views of those matrices (state_dict() copies nothing)."""
+    model = load_model(saved)
+    attention, mlp = model.layers[1].self_attn, model.layers[1].mlp
+    hf = hf_model.state_dict()
+    parts = [hf[f"model.layers.1.self_attn.{name}_proj.weight"] for name in "qkv"]
+    assert torch.equal(attention.qkv_proj.weight, torch.cat(parts))
+    assert torch.equal(mlp.gate_up_proj.weight,
+                       torch.cat([hf["model.layers.1.mlp.gate_proj.weight"], hf["model.layers.1.mlp.up_proj.weight"]]))
+    state = model.state_dict()
+    assert not any("qkv_proj" in name or "gate_up_proj" in name for name in state)
+    k_rows = attention.qkv_proj.weight[attention.num_heads * attention.head_dim:]
+    assert state["layers.1.self_attn.k_proj.weight"].data_ptr() == k_rows.data_ptr()
+    # and back: a state dict under the checkpoint's names loads into a fresh model
+    fresh = Transformer(model.config)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.layers[1].self_attn.qkv_proj.weight, attention.qkv_proj.weight)

@@ -14,7 +14,7 @@ from minillm.checkpoint import load_model
 from minillm.config import ModelConfig
 from minillm.generate import new_cache
 from minillm.manipulation import random_directions
-from minillm.model import Transformer, apply_rope, rope_inverse_frequencies, rope_tables
+from minillm.model import Transformer, rope_inverse_frequencies, rope_tables, rotate, rotation
 
 NOISE_BLOCK = 64  # the noise's definition: block b of seed s is drawn from a generator seeded s * 1_000_003 + b
 
@@ -61,7 +61,7 @@ def test_rolled_rotation_is_the_rotate_half_formula():
     cos, sin = rope_tables(positions, rope_inverse_frequencies(tiny_model().config))
     first, second = x.chunk(2, dim=-1)
     textbook = x * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
-    assert torch.equal(apply_rope(x, cos, sin), textbook)
+    assert torch.equal(rotate(x, rotation(cos[:, None], sin[:, None], x.dtype)), textbook)
 
 
 def test_noise_tables_on_the_device_equal_the_host_path_and_the_definition():
