@@ -184,10 +184,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
                device: torch.device | str = "cpu") -> Transformer:
     """A ready `Transformer` (in eval mode, config at `model.config`) with the checkpoint's weights."""
     folder = resolve_checkpoint(name_or_path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: missing; a Hugging Face model folder needs a config.json")
-    config = ModelConfig.from_json(config_path)  # its ConfigError already names the file and the field
+    config = load_config(folder)
     check_manifest(str(name_or_path), folder, config)
 
     with torch.device("meta"):
@@ -213,6 +210,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     # Inference only: without this, a forward outside torch.no_grad() would keep a graph of every activation.
     model.requires_grad_(False)
     return model.eval()
+
+
+def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The checkpoint's config.json, read and checked, without touching its weights."""
+    config_path = resolve_checkpoint(name_or_path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing; a Hugging Face model folder needs a config.json")
+    return ModelConfig.from_json(config_path)  # its ConfigError already names the file and the field
 
 
 def _read_weights(folder: Path, expected: dict, dtype: torch.dtype, device: torch.device) -> dict:

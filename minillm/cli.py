@@ -66,6 +66,8 @@ def load_from_arguments(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import minillm
+    from minillm.checkpoint import load_config
+    from minillm.errors import ManipulationError, UsageError
     from minillm.generate import Sampling
     from minillm.inputs import (
         check_count,
@@ -73,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_temperature,
         check_top_p,
     )
+    from minillm.manipulation import check_layers
 
     check_model_arguments(args)  # before the checks below, so that the first bad flag is named
     check_temperature(args.temperature, "--temperature")
@@ -94,6 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--manipulation {args.manipulation} needs --donor-prompt TEXT and --position J")
     if not takes_donor and any(flag is not None for flag in donor_flags):
         raise ValueError("--donor-prompt, --donor-position and --position only apply with --manipulation swap")
+    if args.manipulation:  # a layer past the top is refused from config.json, before the weights load
+        try:
+            check_layers(args.manipulation, args.layer, args.window, load_config(args.model).num_layers)
+        except ManipulationError as error:
+            raise UsageError(f"--layer {args.layer}: {error}") from None
     model, tokenizer = load_from_arguments(args)
     manipulation = None
     if takes_donor:
@@ -121,9 +129,7 @@ def donor_manipulation(model, tokenizer, args: argparse.Namespace):
 
     from minillm.manipulation import Manipulation
 
-    L, k = model.config.num_layers, args.layer
-    if not 0 <= k <= L:
-        raise ValueError(f"--layer {k} is outside 0..{L} for a {L}-layer model")
+    k = args.layer
     donor_ids = tokenizer.encode(args.donor_prompt)
     donor_position = -1 if args.donor_position is None else args.donor_position
     if not -len(donor_ids) <= donor_position < len(donor_ids):

@@ -58,6 +58,19 @@ KIND_FACTS = {
 
 KINDS = tuple(KIND_FACTS)  # ("random", "freeze", "swap", "skip_attention")
 
+def check_layers(kind: str, layer: int, window: int | None, num_layers: int) -> None:
+    """Raise unless `kind` can act from layer k = `layer` (for `window` layers, or to the top) of a model with
+    num_layers layers: checkable from the config alone, before any weight is loaded."""
+    lowest = KIND_FACTS[kind].lowest_layer
+    if not lowest <= layer <= num_layers:
+        why = f" ({kind} keeps H[k-1], so k >= 1)" if layer < lowest else ""
+        raise ManipulationError(f"{kind} layer k={layer} is outside {lowest}..{num_layers} for a "
+                                f"{num_layers}-layer model{why}")
+    if window is not None and layer + window > num_layers:
+        raise ManipulationError(f"{kind} window of {window} layers from k={layer} goes past the top layer "
+                                f"{num_layers - 1} of a {num_layers}-layer model")
+
+
 # Noise is drawn in blocks of positions, each block from its own seeded generator, so the
 # vector a position gets depends only on (seed, position): not on the batch, the padding or
 # the sequence length.
@@ -116,15 +129,7 @@ class Manipulation:
 
     def check(self, num_layers: int, hidden_size: int, lengths: list[int]) -> None:
         """Raise if this manipulation cannot apply to a model of this size and sequences of these lengths."""
-        lowest = self.facts.lowest_layer
-        if not lowest <= self.layer <= num_layers:
-            why = f" ({self.kind} keeps H[k-1], so k >= 1)" if self.layer < lowest else ""
-            raise ManipulationError(
-                f"{self.kind} layer k={self.layer} is outside {lowest}..{num_layers} for a {num_layers}-layer model{why}")
-        if self.window is not None and self.layer + self.window > num_layers:
-            raise ManipulationError(
-                f"{self.kind} window of {self.window} layers from k={self.layer} goes past the top layer "
-                f"{num_layers - 1} of a {num_layers}-layer model")
+        check_layers(self.kind, self.layer, self.window, num_layers)
         short = [(b, length) for b, length in enumerate(lengths) if length <= self.spare_first]
         if self.spare_first and short:
             b, length = short[0]

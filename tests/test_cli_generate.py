@@ -46,7 +46,8 @@ def test_swap_from_the_command_line_is_the_python_swap(smollm2_dir, smollm2, cap
     (["--manipulation", "freeze", "--layer", "3", "--position", "2"], "only apply with --manipulation swap"),
     (["--manipulation", "swap", "--layer", "3", "--donor-prompt", "Rome", "--donor-position", "9", "--position", "2"],
      "--donor-position 9 is outside"),
-    (["--manipulation", "swap", "--layer", "31", "--donor-prompt", "Rome", "--position", "2"], "--layer 31 is outside"),
+    (["--manipulation", "swap", "--layer", "31", "--donor-prompt", "Rome", "--position", "2"],
+     "--layer 31: swap layer k=31 is outside 0..30"),
     (["--manipulation", "swap", "--layer", "3", "--donor-prompt", "Rome", "--position", "99"],
      r"swap positions \[99\] are outside"),
 ])
@@ -55,6 +56,24 @@ def test_bad_swap_arguments_exit_with_one_line(smollm2_dir, capsys, arguments, m
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("minillm: error:")
     assert re.search(message, error), error
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--manipulation", "random", "--layer", "31"], "--layer 31: random layer k=31 is outside 0..30 for a 30-layer"),
+    (["--manipulation", "freeze", "--layer", "0"], r"--layer 0: freeze layer k=0 is outside 1..30 .*k >= 1"),
+    (["--manipulation", "swap", "--layer", "-1", "--donor-prompt", "Rome", "--position", "2"], "--layer -1: swap"),
+    (["--manipulation", "skip_attention", "--layer", "28", "--window", "3"], "window of 3 layers from k=28 goes past"),
+])
+def test_a_layer_outside_the_model_is_refused_before_the_weights_load(smollm2_dir, capsys, monkeypatch, arguments,
+                                                                     message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(minillm.checkpoint, "load_model", no_loading)
+    monkeypatch.setattr(minillm.api, "load_model", no_loading)
+    assert main(["generate", "--model", str(smollm2_dir), *arguments, PROMPT]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(message, error), error
 
 
 def test_spare_first_and_window_from_the_command_line_are_the_python_variants(smollm2_dir, smollm2, capsys):
