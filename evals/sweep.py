@@ -68,6 +68,7 @@ from evals.results import (
 )
 from evals.tasks import Example, Task
 from minillm.generate import PromptStates, generate_tokens
+from minillm.inputs import check_fits_context
 from minillm.manipulation import KIND_FACTS, Manipulation
 from minillm.model import Transformer
 from minillm.tokenizer import Tokenizer
@@ -304,6 +305,10 @@ def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds:
     units, manifests = [], {}
     for task in tasks:
         batches = length_sorted_batches(task, task.examples, tokenizer, batch_size)
+        for batch in batches:  # refused here, by name, rather than half-way through the sweep as prompts[i]
+            for example, prompt in zip(batch.examples, batch.prompts, strict=True):
+                check_fits_context(len(prompt), task.max_new_tokens, model.config,
+                                   f"task {task.name!r}, example {example.id!r}: its prompt")
         units += [(batch, condition) for batch in batches for condition in runs]
         manifests[task.name] = task_manifest(task, tokenizer)
     settings = {"batch_size": batch_size, "tasks": manifests, "kinds": sorted(set(kinds)),

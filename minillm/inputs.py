@@ -104,6 +104,18 @@ def check_prompt_texts(prompt, name: str = "prompt") -> list[str]:
     return prompts
 
 
+def check_fits_context(prompt_tokens: int, max_new_tokens: int, config, name: str) -> None:
+    """Refuse a prompt (called `name` in the error) whose answer would reach past the model's context."""
+    context = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > context:
+        raise UsageError(
+            f"{name} has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} positions, beyond the model's context of {context} "
+            f"(max_position_embeddings in config.json); "
+            + (f"ask for at most {context - prompt_tokens} new tokens" if prompt_tokens < context
+               else "shorten the prompt"))
+
+
 def check_generation(config, prompts, max_new_tokens, *, sampling=None, pad_id=0, eos_ids=(),
                      manipulation=None) -> None:
     """Everything `generate_tokens` is handed, checked against the model's `config` before any compute."""
@@ -114,18 +126,12 @@ def check_generation(config, prompts, max_new_tokens, *, sampling=None, pad_id=0
         check_count(eos, "eos_ids", minimum=0)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, torch.Tensor)) or len(prompts) == 0:
         raise UsageError(f"prompts must be a non-empty list of token-id lists, got {_shown(prompts)}")
-    context = config.max_position_embeddings
     for index, prompt in enumerate(prompts):
         ids = _token_list(prompt, f"prompts[{index}]")
         if not ids:
             raise UsageError(f"prompts[{index}] is empty: every prompt needs at least one token")
         _check_token_ids(ids, f"prompts[{index}]", config.vocab_size)
-        if len(ids) + max_new_tokens > context:
-            raise UsageError(
-                f"prompts[{index}] has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                f"{len(ids) + max_new_tokens} positions, beyond the model's context of {context} "
-                f"(max_position_embeddings in config.json); "
-                + (f"ask for at most {context - len(ids)} new tokens" if len(ids) < context else "shorten the prompt"))
+        check_fits_context(len(ids), max_new_tokens, config, f"prompts[{index}]")
     vectors = getattr(manipulation, "vectors", None)
     if vectors is not None and not (vectors.is_floating_point() and torch.isfinite(vectors).all()):
         raise UsageError("manipulation vectors must be finite floating-point numbers")

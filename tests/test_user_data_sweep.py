@@ -101,3 +101,16 @@ def test_an_edited_data_file_is_refused_on_resume(tiny_dir, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("minillm: error:") and "\n" not in error and "qa" in error
     assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_a_prompt_longer_than_the_context_is_refused_by_task_and_example_before_anything_runs(tiny_dir, tmp_path,
+                                                                                            capsys):
+    rows = [{"id": f"x{i}", "question": f"Q{i}?", "answers": ["a"]} for i in range(3)]
+    rows[1]["question"] = "long " * 900  # 4500 byte-level tokens, past the tiny model's 4096 positions
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(sweep_argv(tiny_dir, out, "--data", str(data), "--format", "qa-jsonl", "--name", "qa")) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("minillm: error: task 'qa', example 'qa-2': its prompt has ")  # line 2 of the file and "\n" not in error
+    assert "beyond the model's context of 4096" in error
+    assert not (out / "results.jsonl").exists()
