@@ -1,7 +1,9 @@
 """A Llama/Mistral decoder, top to bottom: norm, rotary embeddings, attention, MLP, block, model.
 
 Parameter names follow Hugging Face's checkpoints (without their leading
-`model.`), so a checkpoint loads with a plain `load_state_dict`.
+`model.`), except that q/k/v and gate/up are each one stacked matrix (one matmul);
+state dicts still use the checkpoints' names (see `stacked_projections`), so a
+checkpoint loads with a plain `load_state_dict`.
 
 Hidden-state convention: `H[j]` is the residual stream *entering* decoder layer
 j, before its input norm; `H[0]` is the token embeddings and `H[L]` the output
@@ -211,7 +213,7 @@ class Attention(nn.Module):
         with_queries=False: keys and values only (the k and v rows of the matrix), queries empty [B, 0, T, hd]."""
         B, T, _ = x.shape
         H = self.num_heads if with_queries else 0
-        weight = self.qkv_proj.weight[(self.num_heads - H) * self.head_dim:]
+        weight = self.qkv_proj.weight[(self.num_heads - H) * self.head_dim:]  # without queries: skip the q rows
         qkv = F.linear(x, weight).view(B, T, H + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
         rotated = rotate(qkv[:, :H + self.num_kv_heads], rope)  # queries and keys turn alike: one rotation for both
         return rotated[:, :H], rotated[:, H:], qkv[:, H + self.num_kv_heads:]
