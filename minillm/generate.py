@@ -55,6 +55,8 @@ class PromptStates:
     attention_mask: torch.Tensor  # [B, T]
     states: torch.Tensor  # H [L+1, B, T, D]
     cache: KVCache | None  # keys/values of all layers after the prompt (cached mode)
+    # Each run forks the cache and shares its layers below k (`KVCache.fork`), writing into them past the
+    # prompt: the runs that share these states must run one after another, not interleaved.
 
     @classmethod
     @torch.no_grad()
@@ -191,7 +193,10 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError("prompt_states: they were computed for another batch or another mode")
     cache, column = None, 0
     if mode == "cached":
-        cache = prompt_states.cache.clone()
+        # The pass below writes layers >= k only: the layers below k are shared with the prompt states, not copied.
+        k = L if manipulation is None else manipulation.layer
+        layers = None if manipulation is None else manipulation.cache_layers(L, efficient)
+        cache = prompt_states.cache.fork(k, layers)
         if cache.max_length < input_ids.shape[1] + max_new_tokens:
             raise ValueError(f"prompt_states: their cache holds {cache.max_length} tokens, too few for "
                              f"{max_new_tokens} new tokens")

@@ -4,7 +4,9 @@ The estimate counts what grows with the batch, per sequence of `prompt + new` to
 already loaded (they do not grow with it):
 
 - the KV cache: keys and values of every layer for every position, 2 x L x kv_heads x head_dim x positions;
-- the unmanipulated prompt states a sweep shares between runs (`PromptStates`): H [L+1, prompt, D];
+- the unmanipulated prompt states a sweep shares between runs (`PromptStates`): H [L+1, prompt, D], and
+  their KV cache beside each run's own one: a run at layer k copies the layers >= k (`KVCache.fork`),
+  all of them at k = 0, so a second whole cache at worst;
 - the largest transient of the prompt's pass, one layer at a time: the MLP's gate, up and their
   product [prompt, intermediate], the attention's queries, keys, values and output and the residual
   stream and its norm [prompt, D] (norms in fp32), and the additive mask [prompt, positions];
@@ -30,14 +32,15 @@ def bytes_per_sequence(config: ModelConfig, dtype: torch.dtype, prompt_tokens: i
     positions = prompt_tokens + new_tokens
     L, D = config.num_layers, config.hidden_size
     kv_cache = 2 * L * config.num_kv_heads * config.head_dim * positions * size
-    states = (L + 1) * prompt_tokens * D * size if prompt_states else 0
+    # Shared prompt states: H, and their cache beside the run's own (a run at k = 0 copies every layer of it).
+    shared = (L + 1) * prompt_tokens * D * size + kv_cache if prompt_states else 0
     attention_width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     layer = prompt_tokens * (3 * config.intermediate_size * size  # gate, up, their product
                              + (attention_width + config.num_heads * config.head_dim + 2 * D) * size
                              + 2 * D * 4  # the norm's fp32 copy and result
                              + positions * size)  # the additive mask's row
     logits = config.vocab_size * (size + 4)
-    return kv_cache + states + layer + logits
+    return kv_cache + shared + layer + logits
 
 
 def memory_budget(device: torch.device | str, cpu_share: float = 0.5) -> int:

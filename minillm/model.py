@@ -122,30 +122,46 @@ class KVCache:
 
     Slots are shared by the batch; `key_valid` marks which slots hold real tokens
     (left padding does not), and `next_position` is each sequence's next RoPE position.
-    All writes go through the methods below; each attention layer writes through its own
-    `LayerCache` view (`layer(j)`), so the whole cache stays one tensor that clone, rewind
-    and keep_rows handle at once.
+    Each layer has its own keys and values tensors [B, kv_heads, max_length, head_dim], so
+    that a run starting at layer k from shared prompt states can share the layers below k
+    with them and copy only the others (`fork`). All writes go through the methods below;
+    each attention layer writes through its own `LayerCache` view (`layer(j)`).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_layers: int | None = None):
         # num_layers < L: a cache for the lowest layers only (skip_attention from that layer on needs no more)
         self.num_layers = config.num_layers if num_layers is None else num_layers
-        shape = (self.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far, the current pass's tokens included
         self.max_length = max_length
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(t.nbytes for t in self.keys + self.values)
 
-    def clone(self) -> KVCache:
+    def fork(self, first_copied: int, num_layers: int | None = None) -> KVCache:
+        """A cache for a run that goes on from this cache's tokens and may rewrite them in layers >= first_copied
+        only: prefix reuse, where a manipulation at layer k starts its pass at layer k (`rewind`, then the
+        pass). Those layers are copied; the ones below are shared with this cache, not copied, which saves
+        their memory (on a GPU, the cache no longer exists twice) and the copy.
+        num_layers: keep only the lowest layers (efficient skip_attention needs none from layer k up).
+
+        Sharing is safe because the run writes the shared layers only in slots from this cache's `length` on
+        (its new tokens' slots), which this cache does not count as filled, and every run stores a slot
+        before it reads it. So the runs forked from one cache must run one after another, not interleaved.
+        """
+        num_layers = self.num_layers if num_layers is None else num_layers
+        if num_layers > self.num_layers:
+            raise ValueError(f"fork: this cache holds {self.num_layers} layers, not {num_layers}")
         copy = object.__new__(KVCache)
-        copy.__dict__.update({name: value.clone() if torch.is_tensor(value) else value
-                              for name, value in self.__dict__.items()})
+        copy.num_layers, copy.length, copy.max_length = num_layers, self.length, self.max_length
+        copy.keys = [t if j < first_copied else t.clone() for j, t in enumerate(self.keys[:num_layers])]
+        copy.values = [t if j < first_copied else t.clone() for j, t in enumerate(self.values[:num_layers])]
+        copy.key_valid, copy.next_position = self.key_valid.clone(), self.next_position.clone()
         return copy
 
     def append(self, attention_mask: torch.Tensor) -> None:
@@ -162,17 +178,18 @@ class KVCache:
         """Write keys/values [B, kv_heads, t, head_dim] of the current pass's last t tokens into this layer's
         slots; return all of the layer's keys/values so far [B, kv_heads, length, head_dim]."""
         start = self.length - keys.shape[2]
-        self.keys[layer, :, :, start:self.length] = keys
-        self.values[layer, :, :, start:self.length] = values
-        return self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
+        self.keys[layer][:, :, start:self.length] = keys
+        self.values[layer][:, :, start:self.length] = values
+        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
 
     def layer(self, layer: int) -> LayerCache | None:
         """Layer `layer`'s view of the cache (None above the layers this cache holds)."""
         return LayerCache(self, layer) if layer < self.num_layers else None
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these sequences of the batch (in this order): generation drops finished ones."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        """Keep only these sequences of the batch (in this order): generation drops finished ones. Every layer
+        is indexed into a new tensor, so layers shared with another cache (`fork`) are left as they are."""
+        self.keys, self.values = [t[rows] for t in self.keys], [t[rows] for t in self.values]
         self.key_valid, self.next_position = self.key_valid[rows], self.next_position[rows]
 
     def rewind(self, slot: int = 0) -> None:

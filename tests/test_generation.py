@@ -71,6 +71,63 @@ def test_prefix_reuse_gives_bitwise_the_same_generation(model, mode):
         assert torch.equal(fast.logits, plain.logits), manipulation
 
 
+def sweep_conditions():
+    """Conditions of a sweep over one batch, as (manipulation, efficient): every kind at low and high k, the
+    baseline, with and without the efficiency mode."""
+    donor = torch.randn(len(PROMPTS), 1, WIDTH, generator=torch.Generator().manual_seed(8))
+    return [(None, False), (Manipulation("random", 0, seed=3), False), (Manipulation("freeze", 1), True),
+            (Manipulation("skip_attention", 2), True), (Manipulation("random", LAYERS - 1, seed=4), False),
+            (Manipulation("freeze", LAYERS - 1), False), (Manipulation("skip_attention", 0), False),
+            (Manipulation("swap", 2, positions=(2,), vectors=donor), False), (Manipulation("freeze", 2), True)]
+
+
+@pytest.mark.parametrize("order", ["as listed", "reversed", "shuffled"])
+def test_runs_sharing_the_prompt_states_cache_give_the_tokens_of_fresh_runs_in_any_order(model, order):
+    """Each run shares the cache's layers below its k (`KVCache.fork`) and writes its decode steps into them
+    past the prompt; whatever ran before, a run must give what it gives alone. Rows leave the batch as they
+    stop (sequence 0 after 2 tokens, 1 after 4), so the forked caches' rows are dropped too."""
+    limits = [2, 4, NEW]
+    conditions = sweep_conditions()
+    if order == "reversed":
+        conditions = conditions[::-1]
+    elif order == "shuffled":
+        conditions = [conditions[i] for i in torch.randperm(len(conditions), generator=torch.Generator().manual_seed(1))]
+    shared = PromptStates.compute(model, PROMPTS, NEW)
+
+    def generate(manipulation, efficient, prompt_states):
+        called_for = []
+        return generate_tokens(model, PROMPTS, NEW, manipulation=manipulation, efficient=efficient,
+                               return_logits=True, prompt_states=prompt_states,
+                               on_token=lambda row, token: called_for.append(row),
+                               stop=lambda tokens: len(tokens) >= limits[called_for[-1]])
+
+    for manipulation, efficient in conditions:
+        fresh = generate(manipulation, efficient, PromptStates.compute(model, PROMPTS, NEW))
+        reused = generate(manipulation, efficient, shared)
+        assert reused.tokens == fresh.tokens, manipulation
+        assert torch.equal(reused.logits.nan_to_num(), fresh.logits.nan_to_num()), manipulation
+        assert [len(tokens) for tokens in reused.tokens] == limits
+
+
+def test_a_fork_shares_the_layers_below_k_and_copies_the_others(model):
+    states = PromptStates.compute(model, PROMPTS, NEW)
+    cache = states.cache
+    prompt_slots = cache.length
+    before = [t[:, :, :prompt_slots].clone() for t in cache.keys + cache.values]
+    fork = cache.fork(2)
+    assert all(fork.keys[j] is cache.keys[j] and fork.values[j] is cache.values[j] for j in range(2))
+    assert all(fork.keys[j] is not cache.keys[j] for j in range(2, LAYERS))
+    assert torch.equal(torch.stack(fork.keys), torch.stack(cache.keys))
+    assert len(cache.fork(2, num_layers=2).keys) == 2
+    # runs at every k leave the prompt's keys/values of every layer as they were
+    for manipulation, efficient in sweep_conditions():
+        generate_tokens(model, PROMPTS, NEW, manipulation=manipulation, efficient=efficient, prompt_states=states)
+    after = [t[:, :, :prompt_slots] for t in cache.keys + cache.values]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="holds 2 layers"):
+        cache.fork(0, num_layers=2).fork(0, num_layers=3)
+
+
 def test_prefix_reuse_refuses_prompt_states_of_another_shape(model):
     reused = PromptStates.compute(model, PROMPTS, NEW, mode="cached")
     with pytest.raises(ValueError, match="another batch or another mode"):

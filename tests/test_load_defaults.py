@@ -61,7 +61,7 @@ def test_bytes_per_sequence_counts_the_kv_cache_states_activations_and_logits():
     config = llama_7b()
     got = bytes_per_sequence(config, torch.bfloat16, 292, 20)
     kv_cache = 2 * 32 * 32 * 128 * 312 * 2  # keys and values, 32 layers, 4096 wide, 312 positions, bf16
-    states = 33 * 292 * 4096 * 2
+    states = 33 * 292 * 4096 * 2 + kv_cache  # H, and the shared cache beside a run's copy (all layers at k = 0)
     layer = 292 * (3 * 11008 * 2 + (3 * 4096 + 4096 + 2 * 4096) * 2 + 2 * 4096 * 4 + 312 * 2)
     logits = 32000 * (2 + 4)
     assert got == kv_cache + states + layer + logits
