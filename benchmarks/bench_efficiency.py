@@ -277,15 +277,10 @@ def plot(path: Path, layers: list[int], num_layers: int, timing: dict[Config, di
 
 def main() -> None:
     args = parse_args()
-    device = common.parse_device(args.device)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    import minillm
-
-    model, tokenizer = minillm.load(args.model, device=device)
+    device, model, tokenizer = common.load_model(args)
     L = model.config.num_layers
     layers = [int(k) for k in args.layers.split(",")]
-    limits = {name: int(n) for name, n in (item.split("=") for item in args.quality_limit.split(","))}
+    limits = common.parse_limits(args.quality_limit)
     all_configs = configs(layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -396,15 +396,11 @@ def mean_score(data: TaskData, generations: dict[int, list[int]], tokenizer) -> 
 
 def main() -> None:
     args = parse_args()
-    device = common.parse_device(args.device)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    import minillm
     from minillm.checkpoint import resolve_checkpoint
 
-    model, tokenizer = minillm.load(args.model, device=device)
+    device, model, tokenizer = common.load_model(args)
     L = model.config.num_layers
-    limits = {name: int(n) for name, n in (item.split("=") for item in args.limit.split(","))}
+    limits = common.parse_limits(args.limit)
     layers = list(range(0, L, args.stride)) if args.stride else [int(k) for k in args.layers.split(",")]
     kinds = args.kinds.split(",")
     tasks = load_tasks(limits, tokenizer)

@@ -49,6 +49,23 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
+def load_model(args: argparse.Namespace):
+    """How the benchmarks on a real checkpoint start: (device, model, tokenizer) for --device and --model,
+    with torch on --threads threads and autograd off."""
+    import minillm
+
+    device = parse_device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    model, tokenizer = minillm.load(args.model, device=device)
+    return device, model, tokenizer
+
+
+def parse_limits(spec: str) -> dict[str, int]:
+    """Examples per task from 'capitals=16,context-qa=4'."""
+    return {name: int(count) for name, count in (item.split("=") for item in spec.split(","))}
+
+
 def synchronize(device: torch.device) -> None:
     """Wait until every kernel queued on the device has finished (nothing to wait for on the CPU)."""
     if device.type == "cuda":

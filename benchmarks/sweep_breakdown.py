@@ -96,14 +96,9 @@ def instrument(clock: PhaseClock, tasks: list[bench_sweep.TaskData]) -> None:
 
 def main() -> None:
     args = parse_args()
-    device = common.parse_device(args.device)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    import minillm
-
-    model, tokenizer = minillm.load(args.model, device=device)
+    device, model, tokenizer = common.load_model(args)
     L = model.config.num_layers
-    limits = {name: int(n) for name, n in (item.split("=") for item in args.limit.split(","))}
+    limits = common.parse_limits(args.limit)
     layers = [int(k) for k in args.layers.split(",")]
     tasks = bench_sweep.load_tasks(limits, tokenizer)
     ours = bench_sweep.MinillmSweep(model, tokenizer, seed=0, efficient=True)
