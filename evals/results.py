@@ -8,7 +8,7 @@ A result folder
     swap.jsonl                      records of the swap experiment (`evals.swap`)
     .results.jsonl.lock, ...        the lock files of the writers (see `claimed_folder`)
 
-Each line of a record file is one record (see `make_record`): task, example id, kind, k, seed,
+Each line of a record file is one record (see `evals.sweep.make_record`): task, example id, kind, k, seed,
 the prompt (text and token ids), generation, prediction, gold answers, scores, the manipulation's
 `to_dict()` and the model. Records carry no timestamps, so the same command gives the same bytes;
 a record's key is (task, example, kind, k, seed). Task names are unique within a run, so two data
@@ -39,15 +39,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from minillm.manipulation import Manipulation
 from minillm.model import Transformer
-
-if TYPE_CHECKING:  # only for annotations: evals.sweep imports this module
-    from evals.sweep import Batch, Condition
 
 RESULTS_GLOB = "results*.jsonl"
 MANIFEST_FILE = "run.json"
@@ -69,31 +64,6 @@ def record_key(record: dict) -> tuple:
 
 def dtype_name(model: Transformer) -> str:
     return str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-
-
-def make_record(batch: Batch, index: int, condition: Condition, manipulation: Manipulation | None,
-                generation: str, model: Transformer, model_name: str) -> dict:
-    """The JSON record of one answer: what was asked, what came back, how it scored, under what."""
-    task, example = batch.task, batch.examples[index]
-    return {
-        "task": task.name,
-        "example": example.id,
-        "kind": condition.kind,
-        "k": condition.k,
-        "seed": condition.seed,
-        "num_layers": model.config.num_layers,
-        "model": model_name,
-        "dtype": dtype_name(model),
-        "metric": task.primary,
-        "chance": task.chance,
-        "prompt": batch.texts[index],
-        "prompt_ids": list(batch.prompts[index]),
-        "generation": generation,
-        "prediction": task.postprocess(generation),
-        "golds": list(example.golds),
-        "scores": task.score(generation, example),
-        "manipulation": None if manipulation is None else manipulation.to_dict(),
-    }
 
 
 def parse_record(line: bytes, path: Path, number: int) -> dict:

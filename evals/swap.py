@@ -57,7 +57,6 @@ from evals.results import (
     check_records_match,
     claim_manifest,
     claimed_folder,
-    make_record,
     model_manifest,
     read_records,
 )
@@ -69,6 +68,7 @@ from evals.sweep import (
     batch_prompt_states,
     generate_answers,
     length_sorted_batches,
+    make_record,
     missing,
     task_manifest,
 )

@@ -62,7 +62,7 @@ from evals.results import (
     check_records_match,
     claim_manifest,
     claimed_folder,
-    make_record,
+    dtype_name,
     model_manifest,
     sha256_json,
 )
@@ -288,6 +288,31 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, man
         manipulation=manipulation, stop=lambda new_tokens: reached_stop(tokenizer.decode(new_tokens), task.stop),
         prompt_states=prompt_states, efficient=True)
     return [tokenizer.decode(tokens) for tokens in result.tokens]
+
+
+def make_record(batch: Batch, index: int, condition: Condition, manipulation: Manipulation | None,
+                generation: str, model: Transformer, model_name: str) -> dict:
+    """The JSON record of one answer: what was asked, what came back, how it scored, under what."""
+    task, example = batch.task, batch.examples[index]
+    return {
+        "task": task.name,
+        "example": example.id,
+        "kind": condition.kind,
+        "k": condition.k,
+        "seed": condition.seed,
+        "num_layers": model.config.num_layers,
+        "model": model_name,
+        "dtype": dtype_name(model),
+        "metric": task.primary,
+        "chance": task.chance,
+        "prompt": batch.texts[index],
+        "prompt_ids": list(batch.prompts[index]),
+        "generation": generation,
+        "prediction": task.postprocess(generation),
+        "golds": list(example.golds),
+        "scores": task.score(generation, example),
+        "manipulation": None if manipulation is None else manipulation.to_dict(),
+    }
 
 
 def batch_prompt_states(model: Transformer, tokenizer: Tokenizer, batch: Batch) -> PromptStates:
