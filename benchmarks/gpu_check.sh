@@ -19,7 +19,7 @@
 #                   (benchmarks/bench_ops.py)
 #   4. sweep        the sweep against the paper's approach on a small grid, both on the device
 #                   (benchmarks/bench_sweep.py, SmolLM2-135M)
-#   5. reproduce    `minillm reproduce --quick` on the device (the step may fail if --quick does not exist yet)
+#   5. reproduce    `minillm reproduce --quick` on the device
 # Then OUT/summary.md: the device (nvidia-smi), the commit, each step's exit status and time, and the end of
 # each log.
 set -uo pipefail
@@ -110,7 +110,7 @@ step model "$PY" benchmarks/bench_model.py --model "$CKPT" --device "$DEVICE" --
     "${MODEL_ARGS[@]}"
 step ops "$PY" benchmarks/bench_ops.py --device "$DEVICE" --out "$OUT/ops.md" "${OPS_ARGS[@]}"
 step sweep "$PY" benchmarks/bench_sweep.py --device "$DEVICE" --csv "$OUT/sweep.csv" "${SWEEP_ARGS[@]}"
-step reproduce "$PY" -m minillm.cli reproduce --quick --device "$DEVICE" --out "$OUT/reproduce"
+step reproduce "$PY" -m evals.cli reproduce --quick --device "$DEVICE" --out "$OUT/reproduce"
 
 [ -z "$KEEP" ] && rm -rf "$ROOT"
 
