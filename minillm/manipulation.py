@@ -58,6 +58,7 @@ KIND_FACTS = {
 
 KINDS = tuple(KIND_FACTS)  # ("random", "freeze", "swap", "skip_attention")
 
+
 def check_layers(kind: str, layer: int, window: int | None, num_layers: int) -> None:
     """Raise unless `kind` can act from layer k = `layer` (for `window` layers, or to the top) of a model with
     num_layers layers: checkable from the config alone, before any weight is loaded."""
