@@ -10,21 +10,22 @@ sequence in a left-padded batch.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from test_manipulations import (  # noqa: F401 (smollm2, smollm2_hf: fixtures)
+    GENERATION_ATOL,
     ONE_SHOT,
     PAIRED_KERNELS,
     SMOLLM2_ATOL,
     TINY_ATOL,
+    assert_cached_equals_faithful,
     layers_that_attend,
     padded_batch,
     reference_manipulation,
     run,
     smollm2,
     smollm2_hf,
+    tiny_model_in,
     tiny_pair,
     token_ids,
 )
@@ -172,21 +173,15 @@ def test_variants_alone_and_in_a_left_padded_batch_agree(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_cached_generation_equals_faithful_for_the_variants(name, dtype):
-    model, _ = tiny_pair(name)
-    if dtype != torch.float32:
-        model = copy.deepcopy(model).to(dtype)
+    model = tiny_model_in(name, dtype)
     prompts = [token_ids(20, 1, n)[0].tolist() for n in (3, 9, 12)]
-    atol = 1e-4 if dtype == torch.float32 else 1e-10
     plain = generate_tokens(model, prompts, 6, return_logits=True)
     for m in variants(model.config.num_layers, cached_only=True):
-        faithful = generate_tokens(model, prompts, 6, mode="faithful", manipulation=m, return_logits=True)
-        cached = generate_tokens(model, prompts, 6, mode="cached", manipulation=m, return_logits=True)
-        assert cached.tokens == faithful.tokens, label(m)
-        torch.testing.assert_close(cached.logits, faithful.logits, atol=atol, rtol=0, msg=about(label(m)))
+        cached, faithful = assert_cached_equals_faithful(model, prompts, m, label(m))
         assert (faithful.logits - plain.logits).abs().max() > 1e-3, f"{label(m)} changed nothing"
         efficient = generate_tokens(model, prompts, 6, manipulation=m, return_logits=True, efficient=True)
         assert efficient.tokens == cached.tokens, label(m)
-        torch.testing.assert_close(efficient.logits, cached.logits, atol=10 * atol, rtol=0,
+        torch.testing.assert_close(efficient.logits, cached.logits, atol=10 * GENERATION_ATOL[dtype], rtol=0,
                                    msg=about(f"{label(m)} efficient"))
 
 

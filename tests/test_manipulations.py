@@ -509,24 +509,35 @@ def test_manipulations_match_the_hook_reference_on_tiny_models(name, attention):
 
 # ----------------------------------------------------------------------------- generation: cached vs faithful, tiny
 
+GENERATION_ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # cached against faithful logits, 6 steps
+
+
+def tiny_model_in(name: str, dtype: torch.dtype) -> Transformer:
+    """The tiny model `name` (ours) in this dtype (a copy: `tiny_pair` keeps its fp32 one)."""
+    model, _ = tiny_pair(name)
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+
+def assert_cached_equals_faithful(model: Transformer, prompts, manipulation: Manipulation, what: str):
+    """6 new tokens in both modes, checked equal (tokens, and logits within GENERATION_ATOL); (cached, faithful)."""
+    faithful = generate_tokens(model, prompts, 6, mode="faithful", manipulation=manipulation, return_logits=True)
+    cached = generate_tokens(model, prompts, 6, mode="cached", manipulation=manipulation, return_logits=True)
+    assert cached.tokens == faithful.tokens, what
+    atol = GENERATION_ATOL[model.embed_tokens.weight.dtype]
+    torch.testing.assert_close(cached.logits, faithful.logits, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+    return cached, faithful
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["mha", "mistral-window"])
 def test_cached_generation_equals_faithful_tiny(name, dtype):
-    model, _ = tiny_pair(name)
-    if dtype != torch.float32:
-        model = copy.deepcopy(model).to(dtype)
+    model = tiny_model_in(name, dtype)
     L = model.config.num_layers
     prompts = [token_ids(20, 1, n)[0].tolist() for n in (5, 9, 12)]
-    atol = 1e-4 if dtype == torch.float32 else 1e-10
     for kind in KINDS:
         for k in ks_for(kind, L):
             manipulation = manipulation_of(kind, k, model, seed=2)  # (swap vectors are cast to the model's dtype)
-            faithful = generate_tokens(model, prompts, 6, mode="faithful", manipulation=manipulation,
-                                       return_logits=True)
-            cached = generate_tokens(model, prompts, 6, mode="cached", manipulation=manipulation, return_logits=True)
-            assert cached.tokens == faithful.tokens, f"{kind} k={k}"
-            torch.testing.assert_close(cached.logits, faithful.logits, atol=atol, rtol=0,
-                                       msg=lambda m: f"{kind} k={k}: {m}")
+            assert_cached_equals_faithful(model, prompts, manipulation, f"{kind} k={k}")
 
 
 def test_generated_tokens_are_manipulated_once_they_are_previous_tokens():
