@@ -114,7 +114,9 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
                    (p + "mlp.gate_proj.weight", (f, d)),
                    (p + "mlp.up_proj.weight", (f, d)),
                    (p + "mlp.down_proj.weight", (d, f))]
-    shapes += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+    shapes.append(("model.norm.weight", (d,)))
+    if not config.get("tie_word_embeddings", False):  # tied: the embedding is the output layer too
+        shapes.append(("lm_head.weight", (v, d)))
     return shapes
 
 

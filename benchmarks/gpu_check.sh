@@ -4,9 +4,16 @@
 #   bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_check.sh --cpu-smoke          # the same steps on tiny shapes on the CPU: checks the script
 #
+# On a GPU machine without network (a bare PyTorch image that cannot fetch minillm's assets or install it):
+#   here:   python benchmarks/offline_bundle.py pack .gpu_check      # ~7 MiB, git-ignored; copy it along
+#   there:  bash benchmarks/gpu_check.sh --bundle .gpu_check --tar RESULTS.tar.gz
+# The bundle's wheels are installed into a temporary folder, and SmolLM2 (sweep, reproduce) gets random weights
+# in its shape: its real weights do not travel (see offline_bundle.py). minillm itself runs from this tree.
+#
 # Options: --out DIR (default docs/benchmarks/gpu_check, or /tmp/minillm-gpu-check-smoke with --cpu-smoke),
 #          --keep-dir DIR (keep the 7B-shape checkpoint there and reuse it on reruns; default: a temporary
-#          folder, deleted at the end), --budget SECONDS (default 570).
+#          folder, deleted at the end), --budget SECONDS (default 570), --bundle DIR (above),
+#          --tar FILE (also pack OUT into this one .tar.gz at the end: one file to bring back).
 #
 # Steps, each under its own `timeout` (so that one hang cannot eat the budget) and each logged to OUT/NAME.log;
 # a failing step is recorded and the script goes on:
@@ -25,14 +32,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="" KEEP="" SMOKE=0 BUDGET=570
+OUT="" KEEP="" SMOKE=0 BUDGET=570 BUNDLE="" TAR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
         --keep-dir) KEEP="$2"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
+        --bundle) BUNDLE="$(cd "$2" && pwd)" || exit 2; shift 2 ;;
+        --tar) TAR="$2"; shift 2 ;;
         --cpu-smoke|--dry-run) SMOKE=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -70,6 +79,23 @@ OUT="$(cd "$OUT" && pwd)"
 ROOT="${KEEP:-$(mktemp -d "${TMPDIR:-/tmp}/minillm-gpu-check-XXXXXX")}"
 STEPS="$OUT/steps.tsv"
 printf 'step\texit\tseconds\tcommand\n' > "$STEPS"
+
+# minillm runs from this tree, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[ "$COMMIT" != unknown ] && ! git diff --quiet HEAD && COMMIT="$COMMIT (with uncommitted changes)"
+SMOLLM2_NOTE=""
+if [ -n "$BUNDLE" ]; then
+    echo "== bundle $BUNDLE: wheels into $ROOT/site, minillm's cache in $ROOT/cache"
+    "$PY" -m pip install --quiet --no-index --no-deps --target "$ROOT/site" "$BUNDLE"/wheels/*.whl || exit 1
+    export PYTHONPATH="$ROOT/site:$PYTHONPATH" MINILLM_CACHE="$ROOT/cache"
+    "$PY" benchmarks/offline_bundle.py unpack "$BUNDLE" "$MINILLM_CACHE" || exit 1
+    [ "$COMMIT" = unknown ] && COMMIT="$(cut -c1-7 "$BUNDLE/commit") (from the bundle)"
+    [ -f "$MINILLM_CACHE/models/smollm2-135m/RANDOM_WEIGHTS" ] && SMOLLM2_NOTE="SmolLM2-135M in the sweep and \
+reproduce steps has random weights in its shape (its real weights do not travel in the bundle): those steps \
+measure speed and whether both sides of the sweep agree, not the model's scores, and answers run longer than \
+with SmolLM2's own weights."
+fi
 
 timeout_of() {  # the timeout of a step, cut to what is left of the budget
     local want
@@ -128,8 +154,9 @@ excerpt() {  # the results part of a step's output (its last 30 lines when that 
 {
     echo "# GPU check$([ "$SMOKE" = 1 ] && echo ' (CPU smoke run on tiny shapes: checks the script, measures nothing)')"
     echo
-    echo "Command: \`bash benchmarks/gpu_check.sh$([ "$SMOKE" = 1 ] && echo ' --cpu-smoke')\`, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)'), total $SECONDS s."
+    echo "Command: \`bash benchmarks/gpu_check.sh$([ "$SMOKE" = 1 ] && echo ' --cpu-smoke')$([ -n "$BUNDLE" ] && echo ' --bundle ...')\`, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, total $SECONDS s."
     echo
+    [ -n "$SMOLLM2_NOTE" ] && { echo "$SMOLLM2_NOTE"; echo; }
     echo "## Device"
     echo
     echo '```'
@@ -161,3 +188,6 @@ print(machine_header(parse_device('$DEVICE')))"
     done
 } > "$OUT/summary.md"
 echo "summary: $OUT/summary.md"
+if [ -n "$TAR" ]; then
+    tar -czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed: $TAR"
+fi
