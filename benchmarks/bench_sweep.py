@@ -78,6 +78,7 @@ from minillm.manipulation import KINDS, Manipulation, random_directions
 
 DEFAULT_LIMITS = "capitals=16,context-qa=4"
 DEFAULT_LAYERS = "0,15"
+TARGET_SPEEDUP = 20  # issue 13's, on the CPU
 
 
 def parse_args() -> argparse.Namespace:
@@ -491,7 +492,8 @@ def report(tasks: list[TaskData], rows: list[Row], ours_clock: Clock, paper_cloc
           f"CPU {totals['paper_cpu']:8.1f} s{label}")
     wall_ratio, cpu_ratio = totals["paper_wall"] / totals["ours_wall"], totals["paper_cpu"] / totals["ours_cpu"]
     print(f"  speed-up of minillm: {wall_ratio:.1f}x wall, {cpu_ratio:.1f}x CPU time "
-          f"(target >= 10x: {'MET' if min(wall_ratio, cpu_ratio) >= 10 else 'MISSED'}){label}")
+          f"(target >= {TARGET_SPEEDUP}x: {'MET' if min(wall_ratio, cpu_ratio) >= TARGET_SPEEDUP else 'MISSED'})"
+          f"{label}")
 
     print("\nper manipulation, on the examples both sides ran: cells with the same mean score, identical generations")
     for kind in ["none", *KINDS]:
