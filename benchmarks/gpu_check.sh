@@ -88,7 +88,8 @@ SMOLLM2_NOTE=""
 if [ -n "$BUNDLE" ]; then
     echo "== bundle $BUNDLE: wheels into $ROOT/site, minillm's cache in $ROOT/cache"
     "$PY" -m pip install --quiet --no-index --no-deps --target "$ROOT/site" "$BUNDLE"/wheels/*.whl || exit 1
-    export PYTHONPATH="$ROOT/site:$PYTHONPATH" MINILLM_CACHE="$ROOT/cache"
+    # No network there: transformers must not try the hub either (every model here is a local folder).
+    export PYTHONPATH="$ROOT/site:$PYTHONPATH" MINILLM_CACHE="$ROOT/cache" HF_HUB_OFFLINE=1
     "$PY" benchmarks/offline_bundle.py unpack "$BUNDLE" "$MINILLM_CACHE" || exit 1
     [ "$COMMIT" = unknown ] && COMMIT="$(cut -c1-7 "$BUNDLE/commit") (from the bundle)"
     [ -f "$MINILLM_CACHE/models/smollm2-135m/RANDOM_WEIGHTS" ] && SMOLLM2_NOTE="SmolLM2-135M in the sweep and \
