@@ -137,6 +137,7 @@ step model "$PY" benchmarks/bench_model.py --model "$CKPT" --device "$DEVICE" --
     "${MODEL_ARGS[@]}"
 step ops "$PY" benchmarks/bench_ops.py --device "$DEVICE" --out "$OUT/ops.md" "${OPS_ARGS[@]}"
 step sweep "$PY" benchmarks/bench_sweep.py --device "$DEVICE" --csv "$OUT/sweep.csv" "${SWEEP_ARGS[@]}"
+rm -rf "$OUT/reproduce"  # an earlier check's run there would be resumed (and measure nothing) or refused
 step reproduce "$PY" -m evals.cli reproduce --quick --device "$DEVICE" --out "$OUT/reproduce"
 
 [ -z "$KEEP" ] && rm -rf "$ROOT"
