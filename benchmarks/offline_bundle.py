@@ -33,6 +33,7 @@ from pathlib import Path
 
 from bench_load_memory import write_checkpoint
 
+from evals.tasks import FANOUTQA_MEMBER, FANOUTQA_VERSION
 from minillm.assets import cache_dir, wheel_member
 from minillm.embedded import SMOLLM2_NAME, ensure_smollm2
 
@@ -42,8 +43,6 @@ RANDOM_MARKER = "RANDOM_WEIGHTS"
 
 
 def pack(folder: Path) -> None:
-    from evals.tasks import FANOUTQA_MEMBER, FANOUTQA_VERSION  # the harness's data, for `reproduce`
-
     if folder.exists():
         shutil.rmtree(folder)
     cache = folder / "cache"
@@ -59,7 +58,8 @@ def pack(folder: Path) -> None:
     wanted = [f"{name}=={metadata.version(name)}" for name in WHEELS]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
                     "--wheel-dir", str(folder / "wheels"), *wanted], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                            check=False).stdout.strip()
     (folder / "commit").write_text((commit or "unknown") + "\n")
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     print(f"packed {folder}: {size / 2 ** 20:.1f} MiB ({', '.join(wanted)}; SmolLM2's config and tokenizer; "
@@ -69,7 +69,7 @@ def pack(folder: Path) -> None:
 def unpack(folder: Path, cache: Path) -> None:
     shutil.copytree(folder / "cache", cache, dirs_exist_ok=True)
     model = cache / "models" / SMOLLM2_NAME
-    if any(model.glob("*.safetensors")):
+    if (model / "model.safetensors").is_file() or (model / RANDOM_MARKER).is_file():  # real, or written before
         return
     config = json.loads((model / "config.json").read_text())
     write_checkpoint(model, config, shard_gb=4.0)
