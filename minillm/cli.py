@@ -90,6 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ValueError("--manipulation needs --layer K (the first decoder layer whose view is altered)")
     elif args.layer is not None:
         raise ValueError("--layer only applies with --manipulation")
+    if args.compile and args.mode != "cached":
+        raise ValueError("--compile compiles the cached decode step: it needs --mode cached")
     variant_flags = args.spare_first is not None or args.window is not None
     if variant_flags and (not args.manipulation or takes_donor):
         raise ValueError("--spare-first and --window only apply with --manipulation random, freeze or skip_attention")
@@ -170,8 +172,8 @@ def build_parser(register: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")
     gen.add_argument("--compile", action="store_true",
-                     help="compile the decode step with torch.compile (the first call compiles: worth it for long "
-                          "outputs; needs a C++ compiler on the CPU)")
+                     help="compile the decode step with torch.compile, for fixed shapes (CUDA graphs on a GPU; the "
+                          "first call compiles: worth it for long outputs; needs a C++ compiler on the CPU)")
     gen.set_defaults(run=cmd_generate)
 
     for add_commands in register:

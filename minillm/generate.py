@@ -71,9 +71,16 @@ class PromptStates:
         return cls(input_ids, attention_mask, states, cache)
 
 
-def new_cache(model: Transformer, batch_size: int, length: int, num_layers: int | None = None) -> KVCache:
+def new_cache(model: Transformer, batch_size: int, length: int, num_layers: int | None = None,
+              static: bool = False) -> KVCache:
     weight = model.embed_tokens.weight
-    return KVCache(model.config, batch_size, length, dtype=weight.dtype, device=weight.device, num_layers=num_layers)
+    return KVCache(model.config, batch_size, length, dtype=weight.dtype, device=weight.device, num_layers=num_layers,
+                   static=static)
+
+
+# A static cache's length is rounded up to a multiple of this, so that prompts of similar lengths share one
+# compiled decode step (each new length compiles anew).
+STATIC_LENGTH_MULTIPLE = 64
 
 
 @dataclass
@@ -111,8 +118,9 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     `efficient`: real savings where the manipulation allows them, same tokens: freeze computes previous
     tokens only as far as anyone reads them; skip_attention runs only the last position from layer k up
     and keeps no KV cache there.
-    `compile`: run the decode steps through `model.compiled_forward()` (torch.compile; the first call
-    compiles, which takes a while). The same tokens; logits within rounding.
+    `compile`: cached mode only. The decode steps run `model.compiled_layer_stack()` (torch.compile; the
+    first call compiles, which takes a while) over a static cache (`KVCache(static=True)`), and the batch keeps
+    its finished rows, so that every step has the same shapes. The same tokens; logits within rounding.
     """
     check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
                      manipulation=manipulation)
@@ -122,6 +130,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         raise ManipulationError(manipulation.faithful_only(model.config.num_layers))
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if compile and (mode != "cached" or prompt_states is not None):
+        raise ValueError("compile: the compiled decode step needs mode='cached' and no prompt_states")
     if manipulation is not None:  # validated once here, so that no pass reads the lengths back from the device
         manipulation.check(model.config.num_layers, model.config.hidden_size, [len(p) for p in prompts])
     sampling = sampling or Sampling()
@@ -135,7 +145,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         left_pad(prompts, pad_id)  # the prompts are still checked
         return Generation(new_tokens, torch.empty(B, 0, model.config.vocab_size) if return_logits else None)
     batch, logits = start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode=mode,
-                          prompt_states=prompt_states, efficient=efficient)
+                          prompt_states=prompt_states, efficient=efficient, static=compile)
     for step in range(max_new_tokens):
         token = choose_next(logits, sampling, generator)
         if return_logits:  # [B, V]; NaN for sequences that have already stopped
@@ -152,7 +162,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             done[row] = t in eos or (stop is not None and stop(new_tokens[row]))
         if all(done) or step == max_new_tokens - 1:
             break
-        token = drop_finished(batch, token, done)
+        if not compile:  # a compiled step keeps its shapes: finished rows stay, computed for nothing
+            token = drop_finished(batch, token, done)
         if batch.manipulation is not None:  # the paper's random draws fresh noise at every step
             batch.manipulation = batch.manipulation.at_step(step + 1)
         logits = decode_step(model, batch, token, efficient, compile)
@@ -173,9 +184,9 @@ class Batch:
 
 def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
           manipulation: Manipulation | None, mode: str, prompt_states: PromptStates | None,
-          efficient: bool) -> tuple[Batch, torch.Tensor]:
+          efficient: bool, static: bool = False) -> tuple[Batch, torch.Tensor]:
     """The first pass: fresh over the prompts, or from shared prompt states. Returns the batch and the
-    last-position logits [B, V] (fp32)."""
+    last-position logits [B, V] (fp32). static: a fresh pass makes a static cache (`KVCache(static=True)`)."""
     L = model.config.num_layers
     if prompt_states is None:
         input_ids, attention_mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
@@ -183,7 +194,10 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
         cache = None
         if mode == "cached":
             layers = None if manipulation is None else manipulation.cache_layers(L, efficient)
-            cache = new_cache(model, len(prompts), input_ids.shape[1] + max_new_tokens, layers)
+            length = input_ids.shape[1] + max_new_tokens
+            if static:
+                length = -(-length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+            cache = new_cache(model, len(prompts), length, layers, static)
         logits = model(input_ids, attention_mask if padded else None, cache=cache, manipulation=manipulation,
                        last_logits_only=True, efficient=efficient, checked=True)
         return Batch(list(range(len(prompts))), manipulation, cache, input_ids, attention_mask), logits[:, -1].float()
@@ -219,9 +233,10 @@ def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient
         step_input, step_mask = batch.input_ids, batch.attention_mask
     else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
         step_input, step_mask = token[:, None], None
-    forward = model.compiled_forward() if compile else model
-    logits = forward(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
-                     efficient=efficient, checked=True)
+    if compile:  # a new step: CUDA graphs may overwrite the previous step's outputs, which nothing reads again
+        torch.compiler.cudagraph_mark_step_begin()
+    logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,
+                   efficient=efficient, checked=True, compiled=compile)
     return logits[:, -1].float()
 
 

@@ -126,10 +126,15 @@ class KVCache:
     that a run starting at layer k from shared prompt states can share the layers below k
     with them and copy only the others (`fork`). All writes go through the methods below;
     each attention layer writes through its own `LayerCache` view (`layer(j)`).
+
+    static=True: a pass's shapes do not change as the cache fills, which a compiled decode step needs
+    (`Transformer.compiled_layer_stack`). Attention reads all max_length slots, the empty ones masked, and
+    the layers write at the pass's slots given as a tensor (`slots`), not as Python numbers.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_layers: int | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_layers: int | None = None,
+                 static: bool = False):
         # num_layers < L: a cache for the lowest layers only (skip_attention from that layer on needs no more)
         self.num_layers = config.num_layers if num_layers is None else num_layers
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
@@ -139,6 +144,11 @@ class KVCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far, the current pass's tokens included
         self.max_length = max_length
+        self.static = static
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)  # static: the current pass's slots
+        if static:  # a compiled step's CUDA graphs write into them in place, at addresses fixed when recorded
+            for tensor in self.keys + self.values:
+                torch._dynamo.mark_static_address(tensor)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys + self.values)
@@ -159,6 +169,7 @@ class KVCache:
             raise ValueError(f"fork: this cache holds {self.num_layers} layers, not {num_layers}")
         copy = object.__new__(KVCache)
         copy.num_layers, copy.length, copy.max_length = num_layers, self.length, self.max_length
+        copy.static, copy.slots = self.static, self.slots
         copy.keys = [t if j < first_copied else t.clone() for j, t in enumerate(self.keys[:num_layers])]
         copy.values = [t if j < first_copied else t.clone() for j, t in enumerate(self.values[:num_layers])]
         copy.key_valid, copy.next_position = self.key_valid.clone(), self.next_position.clone()
@@ -173,10 +184,18 @@ class KVCache:
         self.key_valid[:, start:end] = attention_mask
         self.next_position += attention_mask.sum(dim=1)
         self.length = end
+        if self.static:
+            self.slots = torch.arange(start, end, device=self.key_valid.device)
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values [B, kv_heads, t, head_dim] of the current pass's last t tokens into this layer's
-        slots; return all of the layer's keys/values so far [B, kv_heads, length, head_dim]."""
+        slots; return all of the layer's keys/values so far [B, kv_heads, length, head_dim] (static: all
+        max_length slots)."""
+        if self.static:
+            slots = self.slots[self.slots.shape[0] - keys.shape[2]:]
+            self.keys[layer].index_copy_(2, slots, keys)
+            self.values[layer].index_copy_(2, slots, values)
+            return self.keys[layer], self.values[layer]
         start = self.length - keys.shape[2]
         self.keys[layer][:, :, start:self.length] = keys
         self.values[layer][:, :, start:self.length] = values
@@ -405,7 +424,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.tie_weights()
-        self._compiled_forward = None  # see `compiled_forward`
+        self._compiled_layer_stack = None  # see `compiled_layer_stack`
         # State dicts name weights as checkpoints do, both ways: see `stacked_projections`.
         self.register_state_dict_post_hook(
             lambda module, state, prefix, metadata: split_stacked_projections(state, module.config, prefix))
@@ -417,13 +436,15 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def compiled_forward(self):
-        """`forward` compiled by torch.compile, made on first use and then kept; generation uses it for its
-        decode steps when asked to (`generate_tokens(compile=True)`). Compiled with dynamic shapes, so the
-        cache growing by one slot per step, or the batch shrinking, does not recompile it."""
-        if self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.forward, dynamic=True)
-        return self._compiled_forward
+    def compiled_layer_stack(self):
+        """`layer_stack` compiled by torch.compile for fixed shapes, in one graph; made on first use, then kept.
+        With a static cache (`KVCache(static=True)`), every decode step of a generation has the same shapes,
+        so they all run one compiled graph (`generate_tokens(compile=True)`). On a GPU the graph is also
+        captured as a CUDA graph (mode "reduce-overhead"): the step is replayed whole, not launched op by op."""
+        if self._compiled_layer_stack is None:
+            mode = "reduce-overhead" if self.embed_tokens.weight.is_cuda else None
+            self._compiled_layer_stack = torch.compile(self.layer_stack, dynamic=False, fullgraph=True, mode=mode)
+        return self._compiled_layer_stack
 
     def set_attention(self, implementation: str) -> None:
         """"sdpa" (torch's fused kernel) or "math" (the explicit formula in `math_attention`)."""
@@ -435,7 +456,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, manipulation: Manipulation | None = None,
                 output_hidden_states: bool = False, last_logits_only: bool = False, *,
-                prompt_states: torch.Tensor | None = None, efficient: bool = False, checked: bool = False):
+                prompt_states: torch.Tensor | None = None, efficient: bool = False, checked: bool = False,
+                compiled: bool = False):
         """Logits [B, T, V] for input_ids [B, T] (left-padded where attention_mask is 0).
 
         With a cache, input_ids are the new tokens only and attention_mask covers them only.
@@ -445,6 +467,7 @@ class Transformer(nn.Module):
         efficient: the same last-position logits, computing less (see `layer_edits`).
         checked: the caller has validated attention_mask and manipulation for these sequences (generation
         does, once per call), so the checks that read values back from the device are skipped.
+        compiled: the layers and the head run as `compiled_layer_stack` (the decode steps of a static cache).
         """
         L = self.config.num_layers
         no_padding = attention_mask is None
@@ -454,25 +477,35 @@ class Transformer(nn.Module):
         edits = self.layer_edits(manipulation, attention_mask, positions, efficient, checked)
         if cache is not None:
             cache.append(attention_mask)
-        caches = [None if cache is None else cache.layer(j) for j in range(L)]
         k = L if manipulation is None else manipulation.layer
         first, x, frozen = self.start_from(input_ids, k, prompt_states)
         hidden = self.states_below(first, x, prompt_states) if output_hidden_states else None
+        layer_stack = self.compiled_layer_stack() if compiled else self.layer_stack
+        logits = layer_stack(x, rope, mask, cache, edits, first, k, frozen, hidden, last_logits_only or efficient)
+        return (logits, hidden) if output_hidden_states else logits
+
+    def layer_stack(self, x, rope, mask, cache: KVCache | None, edits: list[LayerEdit], first: int, k: int,
+                    frozen, hidden, last_only: bool):
+        """The logits after layers first .. L-1 and the head, from x = H[first] (in `forward`'s terms; k: the
+        manipulated layer). Fills hidden [L+1, B, T, D] from H[first] on, when given. Everything that changes
+        from one decode step to the next comes in as a tensor, never as a Python number, so that one
+        compiled graph serves every step (`compiled_layer_stack`)."""
+        L = self.config.num_layers
+        caches = [None if cache is None else cache.layer(j) for j in range(L)]
         for j in range(first, L):
             if j == k - 1:
                 frozen = x  # H[k-1]: under freeze, what previous tokens keep from layer k on
             if j == k:
                 newest_at_k = x[:, -1:]  # where the cached random re-pass starts (see `recache_newest_as_noise`)
             x = self.layers[j].manipulate(x, edits[j], frozen)  # H[j]
-            if output_hidden_states:
+            if hidden is not None:
                 hidden[j] = x
             x = self.layers[j](x, rope, mask, caches[j], edits[j], frozen)
-        if output_hidden_states:
+        if hidden is not None:
             hidden[L] = x
         if cache is not None and k < L and edits[k].random is not None:
             self.recache_newest_as_noise(newest_at_k, edits[k], rope, mask, caches, k)
-        logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only or efficient else x))
-        return (logits, hidden) if output_hidden_states else logits
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def residual_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """H [L+1, B, T, D] of unmanipulated prompts: e.g. the donor states for a swap."""
@@ -517,12 +550,14 @@ class Transformer(nn.Module):
         -inf elsewhere, in the model's dtype) for the pass's tokens, which take the cache's next slots.
         The mask is None when attention is plain causal attention: no padding (no_padding: the caller gave
         no attention_mask), nothing cached before this pass, no sliding window cutting in; torch's kernels
-        then skip the mask altogether. Pure: the cache is read, never written."""
+        then skip the mask altogether. A static cache has T_keys = its max_length, the empty slots masked.
+        Pure: the cache is read, never written."""
         B, T = attention_mask.shape
         device = attention_mask.device
         start = 0 if cache is None else cache.length
+        static = cache is not None and cache.static
         window = self.config.sliding_window
-        if no_padding and start == 0:
+        if no_padding and start == 0 and not static:
             positions = torch.arange(T, device=device).expand(B, T)
             if window is None or T <= window:
                 return positions, None
@@ -532,8 +567,10 @@ class Transformer(nn.Module):
         if cache is not None:
             positions = positions + cache.next_position[:, None]
             key_valid = torch.cat([cache.key_valid[:, :start], attention_mask], dim=1)
+            if static:  # every slot is read: those after this pass's tokens are empty
+                key_valid = F.pad(key_valid, (0, cache.max_length - start - T))
         query_slot = torch.arange(start, start + T, device=device)[:, None]
-        key_slot = torch.arange(start + T, device=device)[None, :]
+        key_slot = torch.arange(key_valid.shape[1], device=device)[None, :]
         allowed = key_slot <= query_slot  # causal
         if window is not None:
             allowed = allowed & (key_slot > query_slot - window)

@@ -99,6 +99,7 @@ def test_spare_first_and_window_from_the_command_line_are_the_python_variants(sm
     (["--manipulation", "freeze", "--layer", "3", "--spare-first", "-1"], "spare_first must be an integer >= 0"),
     (["--manipulation", "skip_attention", "--layer", "29", "--window", "2"], "goes past the top layer 29"),
     (["--manipulation", "freeze", "--layer", "3", "--window", "2"], "use mode='faithful'"),
+    (["--compile", "--mode", "faithful"], "--compile .* needs --mode cached"),
 ])
 def test_bad_variant_arguments_exit_with_one_line(smollm2_dir, capsys, arguments, message):
     assert main(["generate", "--model", str(smollm2_dir), "--max-new-tokens", "1", *arguments, PROMPT]) == 2

@@ -1,9 +1,9 @@
-"""The compiled decode step (`generate_tokens(compile=True)`) gives the eager tokens, and logits within 1e-5.
+"""The compiled decode step (`generate_tokens(compile=True)`) gives the eager tokens, and logits within 1e-5,
+in every kind; all the steps of a generation run one graph, compiled for fixed shapes.
 
-torch.compile on the CPU generates C++ and needs a compiler; without one the test is skipped. Compiling
-takes about a minute on a loaded 2-CPU machine, so one small model and one manipulation only: random,
-whose decode step carries the most (the cached re-pass of `recache_newest_as_noise`), with prompts of
-different lengths (left padding) and a shrinking batch (a stop token ends one sequence early).
+torch.compile on the CPU generates C++ and needs a compiler; without one the tests are skipped. Compiling
+takes seconds per kind on a tiny model. Each (manipulation, batch size, cache length) compiles its own graph.
+The prompts have different lengths (left padding), and a stop token ends one sequence early (the compiled step keeps its row: its shapes do not change).
 """
 
 import shutil
@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from minillm.config import ModelConfig
-from minillm.generate import generate_tokens
+from minillm.generate import STATIC_LENGTH_MULTIPLE, PromptStates, generate_tokens
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
 
@@ -21,13 +21,14 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
                                 reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+NEW_TOKENS = 10
 
 
-@pytest.fixture(scope="module")
-def model():
-    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=60, hidden_size=32, intermediate_size=64,
-                         num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                         rope_theta=10000.0, max_position_embeddings=128)
+def tiny_model(sliding_window=None) -> Transformer:
+    config = ModelConfig(architecture="MistralForCausalLM" if sliding_window else "LlamaForCausalLM",
+                         vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position_embeddings=128, sliding_window=sliding_window)
     torch.manual_seed(0)
     model = Transformer(config).eval().requires_grad_(False)
     for p in model.parameters():
@@ -35,15 +36,69 @@ def model():
     return model
 
 
-def test_compiled_decode_equals_eager(model):
-    manipulation = Manipulation("random", 1, seed=3)
-    eager = generate_tokens(model, PROMPTS, 10, manipulation=manipulation, return_logits=True)
-    stop = eager.tokens[1][3]  # the second sequence stops after 4 tokens: the batch shrinks
-    eager = generate_tokens(model, PROMPTS, 10, manipulation=manipulation, return_logits=True, eos_ids=[stop])
-    captured = counters["stats"]["calls_captured"]
-    compiled = generate_tokens(model, PROMPTS, 10, manipulation=manipulation, return_logits=True, eos_ids=[stop],
-                               compile=True)
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    """torch compiles one function at most `recompile_limit` (8) times, and every model shares `layer_stack`'s
+    code: each test starts without the graphs of the others."""
+    torch._dynamo.reset()
+
+
+def graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+CASES = {
+    "baseline": (None, False),
+    "random": (Manipulation("random", 1, seed=3), False),
+    "freeze": (Manipulation("freeze", 1), False),
+    "swap": (Manipulation("swap", 1, positions=(0, 2), vectors=torch.randn(2, 32)), False),
+    "skip_attention": (Manipulation("skip_attention", 1), False),
+    "skip_attention sparing 2, window 1": (Manipulation("skip_attention", 1, spare_first=2, window=1), False),
+    "freeze, efficient": (Manipulation("freeze", 2), True),
+    "skip_attention, efficient": (Manipulation("skip_attention", 1), True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_decode_equals_eager(model, case):
+    manipulation, efficient = CASES[case]
+    def run(**options):
+        return generate_tokens(model, PROMPTS, NEW_TOKENS, manipulation=manipulation, return_logits=True,
+                               efficient=efficient, **options)
+
+    stop = run().tokens[1][3]  # the second sequence stops after 4 tokens
+    eager = run(eos_ids=[stop])
+    before = graphs_compiled()
+    compiled = run(eos_ids=[stop], compile=True)
     assert compiled.tokens == eager.tokens
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=1e-5, equal_nan=True)
-    assert counters["stats"]["calls_captured"] > captured  # the compiled forward did run
-    assert model.compiled_forward() is model.compiled_forward()  # compiled once, then kept
+    assert graphs_compiled() == before + 1  # one graph for all 9 decode steps
+
+
+def test_the_compiled_step_has_fixed_shapes_on_a_sliding_window_model():
+    """Prompts of other lengths reuse the graph when their cache rounds to the same length; the window
+    (6 slots) cuts in after a few steps, which the static mask must apply."""
+    model = tiny_model(sliding_window=6)
+    manipulation = Manipulation("random", 1, seed=3)
+    before = graphs_compiled()
+    for prompts in (PROMPTS, [p[::-1] + [4] for p in PROMPTS]):
+        eager = generate_tokens(model, prompts, NEW_TOKENS, manipulation=manipulation, return_logits=True)
+        compiled = generate_tokens(model, prompts, NEW_TOKENS, manipulation=manipulation, return_logits=True,
+                                   compile=True)
+        assert compiled.tokens == eager.tokens
+        torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=1e-5)
+    assert graphs_compiled() == before + 1
+    assert max(map(len, PROMPTS)) + 1 + NEW_TOKENS <= STATIC_LENGTH_MULTIPLE  # both calls: one cache length
+
+
+@pytest.mark.parametrize("options", [{"mode": "faithful"}, {"prompt_states": "computed"}])
+def test_compile_needs_the_cached_mode_without_prompt_states(model, options):
+    if options.get("prompt_states"):
+        options = {"prompt_states": PromptStates.compute(model, PROMPTS, NEW_TOKENS)}
+    with pytest.raises(ValueError, match="compile"):
+        generate_tokens(model, PROMPTS, NEW_TOKENS, compile=True, **options)

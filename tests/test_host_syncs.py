@@ -85,12 +85,13 @@ def manipulation_of(kind: str) -> Manipulation | None:
 CASES = [("baseline", False)] + [(kind, False) for kind in KINDS] + [("freeze", True), ("skip_attention", True)]
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("kind,efficient", CASES)
-def test_a_decode_steps_forward_reads_nothing_back(model, kind, efficient):
+def test_a_decode_steps_forward_reads_nothing_back(model, kind, efficient, static):
     manipulation = manipulation_of(kind)
     layers = LAYERS if manipulation is None else manipulation.cache_layers(LAYERS, efficient)
     ids = torch.tensor([[0, 0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]])
-    cache = new_cache(model, 2, 12, layers)
+    cache = new_cache(model, 2, 12, layers, static)
     model(ids, ids > 0, cache=cache, manipulation=manipulation, last_logits_only=True, efficient=efficient)
     token = torch.tensor([[9], [8]])
     def step():

@@ -2,6 +2,7 @@
 
 - plain causal attention (no mask at all, `is_causal`) against the additive mask of an all-ones attention mask;
 - the rolled RoPE rotation against the textbook rotate-half formula;
+- a static cache, read whole with its empty slots masked, against the cache that grows by the pass;
 - the noise tables kept on the device against the host path, and against the definition of the noise;
 - the RoPE frequencies stay an fp32 buffer when the model is cast, and loading turns gradients off.
 """
@@ -13,7 +14,7 @@ import transformers
 from minillm.checkpoint import load_model
 from minillm.config import ModelConfig
 from minillm.generate import new_cache
-from minillm.manipulation import random_directions
+from minillm.manipulation import Manipulation, random_directions
 from minillm.model import Transformer, rope_inverse_frequencies, rope_tables, rotate, rotation
 
 NOISE_BLOCK = 64  # the noise's definition: block b of seed s is drawn from a generator seeded s * 1_000_003 + b
@@ -53,6 +54,26 @@ def test_a_cached_pass_without_padding_equals_the_masked_one():
         rest = model(ids[:, 7:], mask if mask is None else mask[:, 7:], cache=cache)
         results.append(torch.cat([first, rest], dim=1))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("kind", ["random", "freeze", "skip_attention"])
+def test_a_static_cache_equals_the_growing_one(kind, window):
+    """A static cache (what a compiled decode step needs) reads every slot, the empty ones masked."""
+    model = tiny_model(sliding_window=window)
+    manipulation = Manipulation(kind, 1, spare_first=1 if kind == "skip_attention" and window is None else 0)
+    ids = torch.randint(1, 60, (2, 14), generator=torch.Generator().manual_seed(3))
+    prompt_mask = torch.ones(2, 8, dtype=torch.long)
+    prompt_mask[0, :3] = 0  # left padding
+    results = []
+    for static in (False, True):
+        cache = new_cache(model, 2, 20, static=static)
+        logits = [model(ids[:, :8], prompt_mask, cache=cache, manipulation=manipulation)]
+        logits += [model(ids[:, t:t + 1], cache=cache, manipulation=manipulation) for t in range(8, 14)]
+        results.append(torch.cat(logits, dim=1))
+        _, mask = model.positions_and_mask(torch.ones(2, 1, dtype=torch.bool), cache)
+        assert mask.shape[-1] == (20 if static else 15)  # static: the next step reads every slot
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
 
 
 def test_rolled_rotation_is_the_rotate_half_formula():
