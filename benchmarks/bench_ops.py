@@ -48,12 +48,21 @@ Run
     python benchmarks/bench_ops.py                       # the tables, on the CPU (a few minutes)
     python benchmarks/bench_ops.py --out docs/benchmarks/ops_before.md
     python benchmarks/bench_ops.py --device cuda         # the same counts made on the GPU, and ms per step
+    python benchmarks/bench_ops.py --compile --kv-heads 8 --batches 1    # also the compiled step, per kind
+
+The compiled step (`--compile`: `generate_tokens(compile=True)`)
+    torch.compile cannot run under a dispatch mode, so its step is counted in two parts. The graph: the
+    kernel calls in the `call()` of inductor's generated code for `layer_stack` (fused kernels, matmuls,
+    attention; on a GPU the whole graph is one CUDA graph replay). Outside it: the eager bookkeeping of
+    the step (mask, RoPE tables, edits, cache slots, token choice), counted as above with the graph
+    replaced by a stub that makes the logits in one op, which stands for the graph's one launch.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +70,7 @@ from pathlib import Path
 
 import common
 import torch
+from torch._inductor.utils import run_and_get_code
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -93,8 +103,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", default="1,8", help="default 1,8")
     parser.add_argument("--time-steps", type=int, default=16,
                         help="also time this many decode steps per configuration (0: counts only; default 16)")
+    parser.add_argument("--kinds", default=",".join(dict.fromkeys(case.kind for case in CASES)),
+                        help="the cases of these kinds only, comma-separated (default: all)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also count (and time) the compiled step of each case: one compile each")
     parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = set(args.kinds.split(",")) - {case.kind for case in CASES}
+    if unknown:
+        parser.error(f"--kinds: no case of kind {', '.join(sorted(unknown))}")
+    return args
 
 
 # ----------------------------------------------------------------------------- counting
@@ -266,13 +284,13 @@ CASES = [Case("baseline"), Case("random"), Case("freeze"), Case("freeze", True),
          Case("skip_attention"), Case("skip_attention", True)]
 
 
-def decode(model, batch: int, case: Case, new_tokens: int, device: torch.device):
+def decode(model, batch: int, case: Case, new_tokens: int, device: torch.device, compile: bool = False):
     """`generate_tokens` on fixed prompts; the only place that calls minillm (keep it in step with its API)."""
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, VOCAB, (batch, PROMPT_TOKENS), generator=generator).tolist()
     manipulation = case.manipulation(device)
     return lambda: generate_tokens(model, prompts, new_tokens, manipulation=manipulation, mode="cached",
-                                   efficient=case.efficient)
+                                   efficient=case.efficient, compile=compile)
 
 
 def one_step(model, batch: int, case: Case, device: torch.device) -> tuple[Counts, bool]:
@@ -284,10 +302,36 @@ def one_step(model, batch: int, case: Case, device: torch.device) -> tuple[Count
                                                                  next_step.host_reads)
 
 
-def ms_per_step(model, batch: int, case: Case, device: torch.device, steps: int) -> float:
+# A kernel call in the `call()` of inductor's code: a fused kernel (C++ or Triton), an extern kernel (matmul)
+# or an ATen op it falls back to (attention).
+KERNEL_CALL = re.compile(r"^\s*(?:\w+ = )?(?:cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+"
+                         r"(?:\.\w+)?)\(", re.MULTILINE)
+
+
+def compiled_step(model, batch: int, case: Case, device: torch.device) -> tuple[int, Counts]:
+    """The compiled step: (kernel calls in its graph, counts of the eager ops outside the graph)."""
+    torch._dynamo.reset()  # a fresh compile, whose code we get to see
+    _, code = run_and_get_code(decode(model, batch, case, 2, device, compile=True))
+    graph_kernels = len(KERNEL_CALL.findall(code[-1][code[-1].index("def call("):]))
+    compiled = model.compiled_layer_stack
+
+    def stub(x, *rest):  # the logits in one op, standing for the graph's one launch
+        return x.new_zeros(x.shape[0], 1, VOCAB)
+
+    model.compiled_layer_stack = lambda: stub
+    try:
+        outside = count(decode(model, batch, case, 3, device, compile=True)) - count(
+            decode(model, batch, case, 2, device, compile=True))
+    finally:
+        model.compiled_layer_stack = compiled
+    return graph_kernels, outside
+
+
+def ms_per_step(model, batch: int, case: Case, device: torch.device, steps: int, compile: bool = False) -> float:
     """(time of 1 + steps new tokens - time of 1 new token) / steps, each the best of two, device synchronized:
     process CPU time on the CPU (steadier on a shared machine; one thread), wall time on a GPU."""
-    short, long = decode(model, batch, case, 1, device), decode(model, batch, case, 1 + steps, device)
+    short = decode(model, batch, case, 1, device, compile)
+    long = decode(model, batch, case, 1 + steps, device, compile)
     times = {}
     for name, call in (("short", short), ("long", long)):
         call()  # warm-up
@@ -308,17 +352,25 @@ def main() -> None:
     torch.set_grad_enabled(False)
     header = common.machine_header(device)
     print(header)
-    rows = []
+    rows, compiled_rows = [], []
     for kv_heads in map(int, args.kv_heads.split(",")):
         for dtype_name in args.dtypes.split(","):
             model = narrow_7b_model(kv_heads, DTYPES[dtype_name], device)
-            for case in CASES:
+            for case in [case for case in CASES if case.kind in args.kinds.split(",")]:
                 for batch in map(int, args.batches.split(",")):
                     counts, steady = one_step(model, batch, case, device)
                     ms = ms_per_step(model, batch, case, device, args.time_steps) if args.time_steps else None
                     rows.append((kv_heads, dtype_name, batch, case, counts, steady, ms))
                     print(row_line(rows[-1]), flush=True)
+                    if args.compile:
+                        graph_kernels, outside = compiled_step(model, batch, case, device)
+                        compiled_ms = (ms_per_step(model, batch, case, device, args.time_steps, compile=True)
+                                       if args.time_steps else None)
+                        compiled_rows.append(rows[-1] + (graph_kernels, outside, compiled_ms))
+                        print(compiled_row_line(compiled_rows[-1]), flush=True)
     lines = report(rows, header, args) + ["", common.format_peak_memory(device) + " over the whole run."]
+    if compiled_rows:
+        lines += compiled_report(compiled_rows)
     print("\n" + "\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +389,32 @@ def row_line(row) -> str:
     return (f"| {kv_heads} | {dtype_name} | {batch} | {case.name}{flag} | {c.ops} | {c.launching} "
             f"| {c.launching / LAYERS:.1f} | {c.views} | {c.casts} | {c.host_reads} | {c.scalar_reads} "
             f"| {c.data_dependent} | {c.to_device} / {c.to_host} | {ms_text} |")
+
+
+COMPILED_HEAD = ("| kv heads | dtype | batch | kind (k = 16) | eager: kernel-launching | compiled: kernels in the graph "
+                 "| compiled: kernel-launching ops outside it (1 = the graph) | compiled / eager, kernels "
+                 "| compiled / eager, launches with a CUDA graph | host reads (Python) | eager ms/step "
+                 "| compiled ms/step |")
+
+
+def compiled_row_line(row) -> str:
+    kv_heads, dtype_name, batch, case, c, _, ms, graph_kernels, outside, compiled_ms = row
+    times = [f"{t:.1f}" if t is not None else "" for t in (ms, compiled_ms)]
+    return (f"| {kv_heads} | {dtype_name} | {batch} | {case.name} | {c.launching} | {graph_kernels} "
+            f"| {outside.launching} | {(graph_kernels + outside.launching - 1) / c.launching:.1%} "
+            f"| {outside.launching / c.launching:.1%} | {outside.host_reads} "
+            f"| {times[0]} | {times[1]} |")
+
+
+def compiled_report(rows) -> list[str]:
+    return ["", "## The compiled step (`generate_tokens(compile=True)`)", "",
+            "Kernels in the graph: the kernel calls in the `call()` of inductor's code for `layer_stack`. On a GPU "
+            "the graph runs as one CUDA graph replay, so a step launches the ops outside it, its one replay and "
+            "the copies of its inputs into the graph's buffers (the last ratio counts the first two). Without "
+            "CUDA graphs (the CPU) every kernel of the graph runs from the host (the first ratio). "
+            "Outside: the step's eager ops (mask, RoPE tables, edits, cache slots, token choice), counted with "
+            "the graph replaced by one op.", "",
+            COMPILED_HEAD, "|" + "---|" * 4 + "---:|" * 8] + [compiled_row_line(row) for row in rows]
 
 
 def report(rows, header: str, args) -> list[str]:

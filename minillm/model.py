@@ -13,7 +13,7 @@ of the last layer, before the final norm. (Hugging Face's
 The manipulations of "Attend First, Consolidate Later" (see manipulation.py and
 docs/manipulations.md) happen in `Block.manipulate`, each as a visible line, from
 a per-layer `LayerEdit` that `Transformer.layer_edits` prepares before the layer
-loop of `Transformer.forward`.
+loop (`Transformer.layer_stack`).
 """
 
 from __future__ import annotations
@@ -469,6 +469,9 @@ class Transformer(nn.Module):
         does, once per call), so the checks that read values back from the device are skipped.
         compiled: the layers and the head run as `compiled_layer_stack` (the decode steps of a static cache).
         """
+        if compiled and (cache is None or not cache.static):
+            raise ValueError("compiled: the compiled layers need a static cache (KVCache(static=True)), "
+                             "whose shapes do not change from one step to the next")
         L = self.config.num_layers
         no_padding = attention_mask is None
         attention_mask = checked_attention_mask(input_ids, attention_mask, efficient and output_hidden_states, checked)

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from minillm.config import ModelConfig
-from minillm.generate import STATIC_LENGTH_MULTIPLE, PromptStates, generate_tokens
+from minillm.generate import STATIC_LENGTH_MULTIPLE, PromptStates, generate_tokens, new_cache
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
 
@@ -102,3 +102,9 @@ def test_compile_needs_the_cached_mode_without_prompt_states(model, options):
         options = {"prompt_states": PromptStates.compute(model, PROMPTS, NEW_TOKENS)}
     with pytest.raises(ValueError, match="compile"):
         generate_tokens(model, PROMPTS, NEW_TOKENS, compile=True, **options)
+
+
+def test_the_compiled_layers_refuse_a_cache_that_grows(model):
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="static cache"):
+        model(ids, cache=new_cache(model, 1, 16), compiled=True)
