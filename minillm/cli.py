@@ -64,6 +64,23 @@ def load_from_arguments(args: argparse.Namespace):
     return minillm.load(args.model, dtype=args.dtype, device=args.device)
 
 
+def check_compile(args: argparse.Namespace) -> None:
+    """--compile compiles the cached decode step; on the CPU, torch.compile builds C++ with $CXX, or g++
+    (clang++ on macOS), as torch's inductor looks for it."""
+    import os
+    import shutil
+    import sys
+
+    import torch
+
+    if args.mode != "cached":
+        raise ValueError("--compile compiles the cached decode step: it needs --mode cached")
+    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    if torch.device(args.device).type == "cpu" and shutil.which(compiler) is None:
+        raise ValueError(f"--compile on the CPU needs a C++ compiler: torch.compile builds C++ with {compiler} "
+                         f"($CXX), which is not on PATH")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import minillm
     from minillm.checkpoint import load_config
@@ -90,8 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ValueError("--manipulation needs --layer K (the first decoder layer whose view is altered)")
     elif args.layer is not None:
         raise ValueError("--layer only applies with --manipulation")
-    if args.compile and args.mode != "cached":
-        raise ValueError("--compile compiles the cached decode step: it needs --mode cached")
+    if args.compile:
+        check_compile(args)
     variant_flags = args.spare_first is not None or args.window is not None
     if variant_flags and (not args.manipulation or takes_donor):
         raise ValueError("--spare-first and --window only apply with --manipulation random, freeze or skip_attention")

@@ -106,3 +106,11 @@ def test_bad_variant_arguments_exit_with_one_line(smollm2_dir, capsys, arguments
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("minillm: error:")
     assert re.search(message, error), error
+
+
+def test_compile_without_a_compiler_exits_with_one_line(smollm2_dir, capsys, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert main(["generate", "--model", str(smollm2_dir), "--max-new-tokens", "1", "--compile", PROMPT]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--compile on the CPU needs a C++ compiler" in error, error
+    assert "no-such-compiler-here" in error
