@@ -32,6 +32,9 @@ from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
 
 MODES = ("cached", "faithful")
+# A static cache's length is rounded up to a multiple of this, so that prompts of similar lengths share one
+# compiled decode step (each new length compiles anew).
+STATIC_LENGTH_MULTIPLE = 64
 
 
 @dataclass
@@ -77,10 +80,6 @@ def new_cache(model: Transformer, batch_size: int, length: int, num_layers: int 
     return KVCache(model.config, batch_size, length, dtype=weight.dtype, device=weight.device, num_layers=num_layers,
                    static=static)
 
-
-# A static cache's length is rounded up to a multiple of this, so that prompts of similar lengths share one
-# compiled decode step (each new length compiles anew).
-STATIC_LENGTH_MULTIPLE = 64
 
 
 @dataclass
