@@ -2,38 +2,28 @@
 in every kind; all the steps of a generation run one graph, compiled for fixed shapes.
 
 torch.compile on the CPU generates C++ and needs a compiler; without one the tests are skipped. Compiling
-takes seconds per kind on a tiny model. Each (manipulation, batch size, cache length) compiles its own graph.
-The prompts have different lengths (left padding), and a stop token ends one sequence early (the compiled step keeps its row: its shapes do not change).
+takes seconds per kind on a tiny model. Each (manipulation, batch size, cache length) compiles its own
+graph. The prompts have different lengths (left padding), and a stop token ends one sequence early (the
+compiled step keeps its row: its shapes do not change).
 """
 
+import os
 import shutil
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from minillm.config import ModelConfig
 from minillm.generate import STATIC_LENGTH_MULTIPLE, PromptStates, generate_tokens, new_cache
 from minillm.manipulation import Manipulation
-from minillm.model import Transformer
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
+from tiny_checkpoint import tiny_model
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                reason="torch.compile on the CPU needs a C++ compiler ($CXX, or g++; none on PATH)")
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
 NEW_TOKENS = 10
-
-
-def tiny_model(sliding_window=None) -> Transformer:
-    config = ModelConfig(architecture="MistralForCausalLM" if sliding_window else "LlamaForCausalLM",
-                         vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                         num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         max_position_embeddings=128, sliding_window=sliding_window)
-    torch.manual_seed(0)
-    model = Transformer(config).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +86,10 @@ def test_the_compiled_step_has_fixed_shapes_on_a_sliding_window_model():
     assert max(map(len, PROMPTS)) + 1 + NEW_TOKENS <= STATIC_LENGTH_MULTIPLE  # both calls: one cache length
 
 
-@pytest.mark.parametrize("options", [{"mode": "faithful"}, {"prompt_states": "computed"}])
-def test_compile_needs_the_cached_mode_without_prompt_states(model, options):
-    if options.get("prompt_states"):
-        options = {"prompt_states": PromptStates.compute(model, PROMPTS, NEW_TOKENS)}
+@pytest.mark.parametrize("refused", ["faithful mode", "prompt states"])
+def test_compile_needs_the_cached_mode_without_prompt_states(model, refused):
+    options = ({"mode": "faithful"} if refused == "faithful mode"
+               else {"prompt_states": PromptStates.compute(model, PROMPTS, NEW_TOKENS)})
     with pytest.raises(ValueError, match="compile"):
         generate_tokens(model, PROMPTS, NEW_TOKENS, compile=True, **options)
 

@@ -12,24 +12,14 @@ import torch
 import transformers
 
 from minillm.checkpoint import load_model
-from minillm.config import ModelConfig
 from minillm.generate import new_cache
 from minillm.manipulation import Manipulation, random_directions
-from minillm.model import Transformer, rope_inverse_frequencies, rope_tables, rotate, rotation
+from minillm.model import rope_inverse_frequencies, rope_tables, rotate, rotation
+
+from tiny_checkpoint import tiny_model
 
 NOISE_BLOCK = 64  # the noise's definition: block b of seed s is drawn from a generator seeded s * 1_000_003 + b
 
-
-def tiny_model(sliding_window=None, num_kv_heads=2) -> Transformer:
-    config = ModelConfig(architecture="MistralForCausalLM" if sliding_window else "LlamaForCausalLM",
-                         vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                         num_kv_heads=num_kv_heads, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         max_position_embeddings=300, sliding_window=sliding_window)
-    torch.manual_seed(0)
-    model = Transformer(config).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.normal_(0, 0.3)
-    return model
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])

@@ -4,6 +4,7 @@
 `write_tiny_checkpoint`: 4 layers and a byte-level tokenizer, so any text encodes (the harness tests: a
 sweep over a few examples takes a second or two). Both are ordinary checkpoint folders that the CLI loads
 by path like any other model.
+`tiny_model`: a 3-layer random model in memory, with grouped-query heads and, if asked, a sliding window.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ CONFIG = {
 }
 SPECIAL = ["<unk>", "<s>", "</s>"]
 WORDS = ["hello", "world", "the", "capital", "of", "france", "is", "paris"]
+
+
+def tiny_model(sliding_window: int | None = None, num_kv_heads: int = 2) -> Transformer:
+    """3 layers, 4 query heads, weights drawn from N(0, 0.3) after seed 0; Mistral when sliding_window is set."""
+    config = ModelConfig(architecture="MistralForCausalLM" if sliding_window else "LlamaForCausalLM",
+                         vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                         num_kv_heads=num_kv_heads, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position_embeddings=300, sliding_window=sliding_window)
+    torch.manual_seed(0)
+    model = Transformer(config).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+    return model
 
 
 def hf_state(config: dict = CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:
