@@ -4,10 +4,12 @@ What is compared
     The same sweep, computed twice in one process on SmolLM2-135M-Instruct (same fp32 weights,
     same torch threads, same token ids):
 
-    minillm   `generate_tokens(mode="cached")`: all examples of a task in one left-padded batch,
-              a KV cache, and prefix reuse: the unmanipulated prompt pass (`PromptStates`) is done once
-              per task, and every manipulated run starts at its layer k from those states and the
-              cached keys/values of the layers below k.
+    minillm   `generate_packed`, as `evals/sweep.py` runs it: all examples of a task in one left-padded
+              batch, a KV cache, and prefix reuse: the unmanipulated prompt pass (`PromptStates`) is done
+              once per task, and every manipulated run starts at its layer k from those states and the
+              cached keys/values of the layers below k. The runs of one manipulation (consecutive cells,
+              up to `--pack-rows` rows) then decode together in one batch; `--pack-rows 1` runs each
+              cell on its own (`generate_tokens`).
     paper     the approach of the paper's released code, rebuilt on `transformers`: forward
               pre-hooks on `LlamaForCausalLM`'s decoder layers, batch size 1, and no KV cache:
               every generated token reruns the whole sequence (only the last position's logits
@@ -37,8 +39,9 @@ What is compared
                     the residual passes through and the MLP still runs.
 
 How it is timed
-    Cells (task, manipulation, k) alternate: minillm's run of a cell, then the paper approach's
-    run of the same cell, so the noise of a shared machine falls on both. Each side's time
+    minillm's run of a pack of cells (task, manipulation, k) alternates with the paper approach's runs
+    of the same cells, so the noise of a shared machine falls on both. A pack's time is split evenly
+    among its cells in the per-cell figures. Each side's time
     includes everything it needs: minillm's prompt states per task, the paper side's donor passes.
     Wall time and process CPU time are both reported; with `--threads 1` (default) the CPU time
     is the steadier of the two when other jobs share the cores.
@@ -67,13 +70,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 from dataclasses import dataclass, field
 
 import common
 import torch
 from torch import nn
 
-from minillm.generate import PromptStates, generate_tokens
+from minillm.generate import PromptStates, generate_packed, generate_tokens
 from minillm.manipulation import KINDS, Manipulation, random_directions
 
 DEFAULT_LIMITS = "capitals=16,context-qa=4"
@@ -91,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paper-every", type=int, default=1,
                         help="run the paper's side on every N-th example only and extrapolate its time (default 1)")
     parser.add_argument("--no-efficient", action="store_true", help="minillm without efficient=True")
+    parser.add_argument("--pack-rows", type=int, default=64,
+                        help="minillm decodes the cells of one manipulation together, up to this many rows "
+                             "(default %(default)s, as `minillm sweep`; 1: each cell alone)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="manipulations (default: all four)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the random manipulation")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -158,6 +165,13 @@ def load_tasks(limits: dict[str, int], tokenizer) -> list[TaskData]:
     return tasks
 
 
+def packs(cells: list[Cell], rows_each: int, pack_rows: int) -> list[list[Cell]]:
+    """Consecutive cells of one manipulation together, as many as fit in pack_rows rows (one at least)."""
+    per_pack = max(1, pack_rows // rows_each)
+    groups = [list(group) for _, group in itertools.groupby(cells, key=lambda cell: cell.kind)]
+    return [group[start:start + per_pack] for group in groups for start in range(0, len(group), per_pack)]
+
+
 def grid(task: str, kinds: list[str], layers: list[int], num_layers: int) -> list[Cell]:
     """The baseline, then every manipulation at every valid k (k = L is the baseline, so not repeated)."""
     cells = [Cell(task, "none", num_layers)]
@@ -204,12 +218,17 @@ class MinillmSweep:
                                 vectors=self.donor_vectors(cell.layer))
         return Manipulation(cell.kind, cell.layer)
 
-    def run(self, cell: Cell) -> list[list[int]]:
-        result = generate_tokens(self.model, self.data.prompts, self.data.task.max_new_tokens,
-                                 eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
-                                 manipulation=self.manipulation(cell), mode="cached", stop=self.data.stop,
-                                 prompt_states=self.prompt_states, efficient=self.efficient)
-        return result.tokens
+    def run(self, cells: list[Cell]) -> list[list[list[int]]]:
+        """New tokens of every example under each cell: one cell alone, or several decoded together."""
+        options = dict(eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id, stop=self.data.stop,
+                       efficient=self.efficient)
+        prompts, new_tokens = self.data.prompts, self.data.task.max_new_tokens
+        if len(cells) == 1:
+            return [generate_tokens(self.model, prompts, new_tokens, manipulation=self.manipulation(cells[0]),
+                                    prompt_states=self.prompt_states, **options).tokens]
+        results = generate_packed(self.model, prompts, new_tokens, [self.manipulation(cell) for cell in cells],
+                                  self.prompt_states, **options)
+        return [result.tokens for result in results]
 
 
 # ----------------------------------------------------------------------------- the paper's side
@@ -414,7 +433,7 @@ def main() -> None:
     cells = {data.name: grid(data.name, kinds, layers, L) for data in tasks}
     print(common.machine_header(device))
     print(f"{args.model} fp32 on {device}, {args.threads} thread(s), torch {torch.__version__}; k in {layers}; "
-          f"kinds {kinds}; minillm efficient={ours.efficient}")
+          f"kinds {kinds}; minillm efficient={ours.efficient}, pack rows {args.pack_rows}")
     for data in tasks:
         lengths = [len(p) for p in data.prompts]
         print(f"  {data.name}: {len(data.prompts)} examples (prompts {min(lengths)}-{max(lengths)} tokens), "
@@ -431,28 +450,36 @@ def main() -> None:
         ours_clock(name, ours.start_task, data)
         if paper is not None:
             paper_clock(name, paper.start_task, data)
-        for cell in cells[name]:
+        for pack in packs(cells[name], len(data.prompts), args.pack_rows):
             before = ours_clock.wall[name]
-            ours_tokens = dict(enumerate(ours_clock(name, ours.run, cell)))
-            row = Row(cell, mean_score(data, ours_tokens, tokenizer), ours_s=ours_clock.wall[name] - before)
-            if paper is not None:
-                before = paper_clock.wall[name]
-                paper_tokens = paper_clock(name, paper.run, cell)
-                row.paper_s = paper_clock.wall[name] - before
-                row.paper_score = mean_score(data, paper_tokens, tokenizer)
-                row.ours_subset_score = mean_score(data, {i: ours_tokens[i] for i in paper_tokens}, tokenizer)
-                row.compared = len(paper_tokens)
-                row.identical = sum(ours_tokens[i] == paper_tokens[i] for i in paper_tokens)
-                row.diverged = [(data.task.examples[i].id, tokenizer.decode(ours_tokens[i]),
-                                 tokenizer.decode(paper_tokens[i]))
-                                for i in paper_tokens if ours_tokens[i] != paper_tokens[i]]
-            rows.append(row)
-            print(f"  {name:10} {cell.kind:14} k={cell.layer:2}  score minillm {row.ours_subset_score:.3f} "
-                  f"paper {row.paper_score:.3f} (on {row.compared})  identical {row.identical}/{row.compared}  "
-                  f"time {row.ours_s:6.2f} s vs {row.paper_s:7.2f} s", flush=True)
+            pack_tokens = ours_clock(name, ours.run, pack)
+            share = (ours_clock.wall[name] - before) / len(pack)
+            for cell, tokens in zip(pack, pack_tokens, strict=True):
+                rows.append(compare_cell(data, cell, dict(enumerate(tokens)), share, paper, paper_clock, tokenizer))
 
     report(tasks, rows, ours_clock, paper_clock, paper, args)
     print(common.format_peak_memory(device) + " (both sides' models loaded)")
+
+
+def compare_cell(data: TaskData, cell: Cell, ours_tokens: dict[int, list[int]], ours_s: float,
+                 paper: PaperSweep | None, paper_clock: Clock, tokenizer) -> Row:
+    """The paper side's run of one cell (timed), against minillm's tokens for it."""
+    name = data.name
+    row = Row(cell, mean_score(data, ours_tokens, tokenizer), ours_s=ours_s)
+    if paper is not None:
+        before = paper_clock.wall[name]
+        paper_tokens = paper_clock(name, paper.run, cell)
+        row.paper_s = paper_clock.wall[name] - before
+        row.paper_score = mean_score(data, paper_tokens, tokenizer)
+        row.ours_subset_score = mean_score(data, {i: ours_tokens[i] for i in paper_tokens}, tokenizer)
+        row.compared = len(paper_tokens)
+        row.identical = sum(ours_tokens[i] == paper_tokens[i] for i in paper_tokens)
+        row.diverged = [(data.task.examples[i].id, tokenizer.decode(ours_tokens[i]), tokenizer.decode(paper_tokens[i]))
+                        for i in paper_tokens if ours_tokens[i] != paper_tokens[i]]
+    print(f"  {name:10} {cell.kind:14} k={cell.layer:2}  score minillm {row.ours_subset_score:.3f} "
+          f"paper {row.paper_score:.3f} (on {row.compared})  identical {row.identical}/{row.compared}  "
+          f"time {row.ours_s:6.2f} s vs {row.paper_s:7.2f} s", flush=True)
+    return row
 
 
 def report(tasks: list[TaskData], rows: list[Row], ours_clock: Clock, paper_clock: Clock, paper: PaperSweep | None,

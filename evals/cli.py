@@ -75,8 +75,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     args.device = device_of_this_rank(args.device)
     with claimed_folder(args.out, shard.filename):  # refuses a second writer before the model loads
         model, tokenizer = load_from_arguments(args)
+        batch_size = resolved_batch_size(args, model, tokenizer, tasks)
         result = run_sweep(model, tokenizer, tasks, kinds, grid, args.out, model_name=args.model, seeds=args.seeds,
-                           batch_size=resolved_batch_size(args, model, tokenizer, tasks), shard=shard)
+                           batch_size=batch_size, pack_rows=resolved_pack_rows(args, batch_size), shard=shard)
     print(results_table(result.summaries))
     part = "" if shard.count == 1 else f" (shard {shard.index}/{shard.count} only: `minillm report` merges the shards)"
     print(f"results: {result.path}{part}")
@@ -130,7 +131,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         model, tokenizer = load_from_arguments(args)
         batch_size = resolved_batch_size(args, model, tokenizer, tasks)  # the swap's prompts are shorter
         run_sweep(model, tokenizer, tasks, REPRODUCE_KINDS, grid, out, model_name=args.model, seeds=args.seeds,
-                  batch_size=batch_size)
+                  batch_size=batch_size, pack_rows=resolved_pack_rows(args, batch_size))
         swept = time.perf_counter()
         run_swap(model, tokenizer, swap_grid, out, model_name=args.model, limit=swap_limit, batch_size=batch_size)
         swapped = time.perf_counter()
@@ -171,6 +172,18 @@ def resolved_batch_size(args: argparse.Namespace, model, tokenizer, tasks) -> in
     return size
 
 
+def resolved_pack_rows(args: argparse.Namespace, batch_size: int) -> int:
+    """--pack-rows, at most the batch size that 'auto' found: that budget counts one run's cache per row, and
+    packed runs hold theirs all at once."""
+    return min(args.pack_rows, batch_size) if args.batch_size == "auto" else args.pack_rows
+
+
+def add_pack_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pack-rows", type=int, default=64,
+                        help="decode the conditions of one kind together, up to this many rows in one batch (1: "
+                             "each condition alone); with --batch-size auto, at most that size (default %(default)s)")
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers: str | None = "all") -> None:
     default = (f"sweep {REPRODUCE_LAYERS}, swap {REPRODUCE_SWAP_LAYERS}; --quick: {QUICK_LAYERS}" if layers is None
                else "%(default)s")
@@ -194,6 +207,7 @@ def register_harness_commands(commands) -> None:
                        help="comma-separated kinds: random, freeze, skip_attention (freeze's k=0 runs as k=1); "
                             "swap needs donors: use `minillm swap`")
     add_sweep_arguments(sweep, batch_size=16)
+    add_pack_argument(sweep)
     add_task_arguments(sweep)  # --task or --data/--hf-dataset, prompts, --limit
     sweep.add_argument("--seeds", type=int, default=1, help="random: seeds 0..N-1 (other kinds are deterministic)")
     sweep.add_argument("--out", required=True, help="run directory (created; resumed if it holds results)")
@@ -227,6 +241,7 @@ def register_harness_commands(commands) -> None:
                     "--dtype bfloat16 --device cuda --limit 200 --layers all --out results/llama-2-7b")
     add_model_arguments(reproduce)
     add_sweep_arguments(reproduce, batch_size=16, layers=None)
+    add_pack_argument(reproduce)
     reproduce.add_argument("--limit", type=int, help=LIMIT_HELP + ", and N countries for the swap (default: "
                            + ", ".join(f"{task} {n}" for task, n in REPRODUCE_LIMITS.items()) + "; all countries)")
     reproduce.add_argument("--seeds", type=int, default=1, help="random: seeds 0..N-1")

@@ -179,8 +179,8 @@ def run_swap(model: Transformer, tokenizer: Tokenizer, grid: LayerGrid, out_dir:
             for batch in baseline_batches:
                 indices = missing(log, batch, baseline)
                 if indices:
-                    generations = generate_answers(model, tokenizer, batch, None,
-                                                   batch_prompt_states(model, tokenizer, batch))
+                    generations, = generate_answers(model, tokenizer, batch, [None],
+                                                    batch_prompt_states(model, tokenizer, batch))
                     for index in indices:
                         log.write(make_record(batch, index, baseline, None, generations[index], model, model_name))
                     log.flush()
@@ -224,7 +224,7 @@ def swap_batch(model: Transformer, tokenizer: Tokenizer, batch: Batch, donors: l
             continue
         swap = Manipulation("swap", k, positions=(position,), vectors=states[k][:, None],
                             description=f"country token <- last token of '{DONOR_TEMPLATE}' at layer {k}")
-        generations = generate_answers(model, tokenizer, batch, swap, prompt_states)
+        generations, = generate_answers(model, tokenizer, batch, [swap], prompt_states)
         for index in indices:
             record = make_record(batch, index, Condition("swap", k), swap, generations[index], model, model_name)
             donor = donors[index]

@@ -23,10 +23,14 @@ How the work is cut up, and why it makes resuming and sharding exact
 --------------------------------------------------------------------
 A task's prompts are sorted by token length (ties in example order) and cut
 into batches of `batch_size`, which keeps padding small. A *work unit* is one
-batch under one condition (baseline, or kind at k with a seed): one call of
-`generate_tokens`. The list of units is a fixed function of the arguments, and a
-unit's batch never depends on what is already done, so its answers are the same
-numbers whether it runs first, after a resume, or in another shard. Hence:
+batch under one or more conditions (baseline, or kind at k with a seed) of one
+kind, consecutive in the sweep's order, with `pack_rows` rows in all at most:
+each condition's first pass runs on its own, and their decode steps run packed
+in one batch (`minillm.generate.generate_packed`), which costs little more per
+step than one condition's. The list of units is a fixed function of the
+arguments, and a unit's batch and conditions never depend on what is already
+done, so its answers are the same numbers whether it runs first, after a
+resume, or in another shard. Hence:
 
 - Resume: every result file in the directory is read; units whose records all
   exist are skipped, a unit that was cut short is rerun and only its missing
@@ -46,6 +50,7 @@ batch starts from the stored states at its own layer k.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,7 +72,7 @@ from evals.results import (
     sha256_json,
 )
 from evals.tasks import Example, Task
-from minillm.generate import PromptStates, generate_tokens
+from minillm.generate import PromptStates, generate_packed, generate_tokens
 from minillm.inputs import check_fits_context
 from minillm.manipulation import KIND_FACTS, Manipulation
 from minillm.model import Transformer
@@ -275,19 +280,22 @@ def reached_stop(text: str, stop: Sequence[str]) -> bool:
     return any(s and s in answer for s in stop)
 
 
-def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch, manipulation: Manipulation | None,
-                     prompt_states: PromptStates) -> list[str]:
-    """Greedy generations (decoded, stop token dropped) for a batch, starting from its shared prompt states.
+def generate_answers(model: Transformer, tokenizer: Tokenizer, batch: Batch,
+                     manipulations: Sequence[Manipulation | None], prompt_states: PromptStates) -> list[list[str]]:
+    """Greedy generations (decoded, stop token dropped) for a batch under each manipulation, starting from its
+    shared prompt states; several manipulations decode packed in one batch.
 
     efficient=True lets freeze and skip_attention skip the work whose result nobody reads (the same
     tokens, less compute): see `generate_tokens`.
     """
     task = batch.task
-    result = generate_tokens(
-        model, batch.prompts, task.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-        manipulation=manipulation, stop=lambda new_tokens: reached_stop(tokenizer.decode(new_tokens), task.stop),
-        prompt_states=prompt_states, efficient=True)
-    return [tokenizer.decode(tokens) for tokens in result.tokens]
+    options = dict(eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, prompt_states=prompt_states, efficient=True,
+                   stop=lambda new_tokens: reached_stop(tokenizer.decode(new_tokens), task.stop))
+    if len(manipulations) == 1:
+        results = [generate_tokens(model, batch.prompts, task.max_new_tokens, manipulation=manipulations[0], **options)]
+    else:
+        results = generate_packed(model, batch.prompts, task.max_new_tokens, manipulations, **options)
+    return [[tokenizer.decode(tokens) for tokens in result.tokens] for result in results]
 
 
 def make_record(batch: Batch, index: int, condition: Condition, manipulation: Manipulation | None,
@@ -321,8 +329,22 @@ def batch_prompt_states(model: Transformer, tokenizer: Tokenizer, batch: Batch) 
 
 # ----------------------------------------------------------------------------- the sweep
 
+Unit = tuple[Batch, tuple[Condition, ...]]  # a batch under conditions of one kind, decoded together
+
+
+def packed_units(batch: Batch, runs: Sequence[Condition], pack_rows: int) -> list[Unit]:
+    """The batch under each condition in order: consecutive conditions of one kind together in one unit, as many
+    as fit in pack_rows rows (always one at least)."""
+    per_unit = max(1, pack_rows // len(batch.examples))
+    units = []
+    for _, group in itertools.groupby(runs, key=lambda condition: condition.kind):
+        group = tuple(group)
+        units += [(batch, group[start:start + per_unit]) for start in range(0, len(group), per_unit)]
+    return units
+
+
 def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str], grid: LayerGrid,
-         seeds: int, batch_size: int) -> tuple[list[tuple[Batch, Condition]], dict]:
+         seeds: int, batch_size: int, pack_rows: int) -> tuple[list[Unit], dict]:
     """Every work unit of the sweep, in a fixed order (task by task, batch by batch, condition by condition),
     and the sweep's settings for the run manifest."""
     unique_names(tasks)
@@ -334,9 +356,9 @@ def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds:
             for example, prompt in zip(batch.examples, batch.prompts, strict=True):
                 check_fits_context(len(prompt), task.max_new_tokens, model.config,
                                    f"task {task.name!r}, example {example.id!r}: its prompt")
-        units += [(batch, condition) for batch in batches for condition in runs]
+        units += [unit for batch in batches for unit in packed_units(batch, runs, pack_rows)]
         manifests[task.name] = task_manifest(task, tokenizer)
-    settings = {"batch_size": batch_size, "tasks": manifests, "kinds": sorted(set(kinds)),
+    settings = {"batch_size": batch_size, "pack_rows": pack_rows, "tasks": manifests, "kinds": sorted(set(kinds)),
                 "layers": sorted({condition.k for condition in runs[1:]}), "seeds": seeds}
     return units, settings
 
@@ -344,6 +366,13 @@ def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds:
 def work(batch: Batch, indices: Iterable[int]) -> int:
     """Tokens that generating these examples of the batch may process: a rough measure of its cost."""
     return sum(len(batch.prompts[index]) + batch.task.max_new_tokens for index in indices)
+
+
+def unit_work(unit: Unit, log: ResultLog | None = None) -> int:
+    """`work` of a unit's examples under all its conditions (with a log: those it does not hold yet)."""
+    batch, runs = unit
+    return sum(work(batch, range(len(batch.examples)) if log is None else missing(log, batch, condition))
+               for condition in runs)
 
 
 def missing(log: ResultLog, batch: Batch, condition: Condition) -> list[int]:
@@ -363,14 +392,19 @@ class SweepResult:
 
 def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str],
               grid: LayerGrid, out_dir: str | os.PathLike | None = None, *, seeds: int = 1, batch_size: int = 16,
-              shard: Shard | None = None, model_name: str = "model", progress: bool = True) -> SweepResult:
+              pack_rows: int = 64, shard: Shard | None = None, model_name: str = "model",
+              progress: bool = True) -> SweepResult:
     """Run this shard's part of the sweep, in memory, or into out_dir (continuing what it holds).
 
+    pack_rows: the most rows decoded in one batch, the conditions of one kind packed together (see the module's
+    docstring); each condition's KV cache is held at once, and copied side by side while they are packed.
     With out_dir, the folder's run manifest must agree with this run (see `evals.results`), and
     the records go to the shard's file as they come.
     """
     shard = shard or Shard()
-    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size)
+    if pack_rows < 1:
+        raise SweepError(f"--pack-rows must be at least 1, got {pack_rows}")
+    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size, pack_rows)
     units = [unit for index, unit in enumerate(planned) if shard.owns(index)]
     if out_dir is None:
         return execute(model, tokenizer, units, ResultLog(None, RESULTS_GLOB), model_name, progress)
@@ -378,38 +412,41 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
         claim_manifest(folder, model_manifest(model, model_name), "sweep", settings)
         log = ResultLog(folder / shard.filename, RESULTS_GLOB)
         check_records_match(log.done, [(condition.key(batch.task.name, example.id), list(prompt), list(example.golds))
-                                       for batch, condition in units
+                                       for batch, runs in units for condition in runs
                                        for example, prompt in zip(batch.examples, batch.prompts)], folder)
         return execute(model, tokenizer, units, log, model_name, progress)
 
 
-def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[tuple[Batch, Condition]], log: ResultLog,
-            model_name: str, progress: bool) -> SweepResult:
+def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[Unit], log: ResultLog, model_name: str,
+            progress: bool) -> SweepResult:
     """Generate the records of every unit that the log does not hold yet; return all the units' records."""
-    todo = [(batch, condition, missing(log, batch, condition)) for batch, condition in units]
     # Progress in tokens (prompt + answer budget), a fair measure of cost across tasks, so the ETA holds.
-    total = sum(work(batch, range(len(batch.examples))) for batch, _ in units)
-    remaining = sum(work(batch, indices) for batch, _, indices in todo)
+    total = sum(unit_work(unit) for unit in units)
+    remaining = sum(unit_work(unit, log) for unit in units)
     prompt_states, states_batch = None, None
     try:
         with tqdm(total=total, initial=total - remaining, unit="tok", unit_scale=True, desc="sweep",
                   file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-            for batch, condition, indices in todo:
-                if not indices:
+            for batch, runs in units:
+                todo = [missing(log, batch, condition) for condition in runs]
+                if not any(todo):
                     continue
                 if states_batch is not batch:  # units come batch by batch: one unmanipulated pass per batch
                     prompt_states = None  # free the previous batch's states (H and cache) before the next pass
                     prompt_states, states_batch = batch_prompt_states(model, tokenizer, batch), batch
-                bar.set_description(f"{batch.task.name} {condition.kind} k={condition.k}")
-                manipulation = condition.manipulation()
-                generations = generate_answers(model, tokenizer, batch, manipulation, prompt_states)
-                for index in indices:
-                    log.write(make_record(batch, index, condition, manipulation, generations[index], model,
-                                          model_name))
+                layers = ",".join(str(condition.k) for condition in runs)
+                bar.set_description(f"{batch.task.name} {runs[0].kind} k={layers}")
+                manipulations = [condition.manipulation() for condition in runs]
+                answers = generate_answers(model, tokenizer, batch, manipulations, prompt_states)
+                for condition, manipulation, generations, indices in zip(runs, manipulations, answers, todo,
+                                                                          strict=True):
+                    for index in indices:
+                        log.write(make_record(batch, index, condition, manipulation, generations[index], model,
+                                              model_name))
                 log.flush()
-                bar.update(work(batch, indices))
+                bar.update(sum(work(batch, indices) for indices in todo))
     finally:
         log.close()
-    records = [log.done[condition.key(batch.task.name, example.id)] for batch, condition in units
+    records = [log.done[condition.key(batch.task.name, example.id)] for batch, runs in units for condition in runs
                for example in batch.examples]
     return SweepResult(records, aggregate(records), log.path)

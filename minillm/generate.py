@@ -30,6 +30,7 @@ from minillm.errors import ManipulationError
 from minillm.inputs import check_generation, check_sampling
 from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
+from minillm.packed import PackedRuns
 
 MODES = ("cached", "faithful")
 # A static cache's length is rounded up to a multiple of this, so that prompts of similar lengths share one
@@ -134,17 +135,28 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     if manipulation is not None:  # validated once here, so that no pass reads the lengths back from the device
         manipulation.check(model.config.num_layers, model.config.hidden_size, [len(p) for p in prompts])
     sampling = sampling or Sampling()
+    if max_new_tokens == 0:
+        left_pad(prompts, pad_id)  # the prompts are still checked
+        B = len(prompts)
+        return Generation([[] for _ in range(B)], torch.empty(B, 0, model.config.vocab_size) if return_logits else None)
+    batch, logits = start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode=mode,
+                          prompt_states=prompt_states, efficient=efficient, static=compile)
+    return decode(model, batch, logits, max_new_tokens, sampling=sampling, eos_ids=eos_ids, stop=stop,
+                  on_token=on_token, return_logits=return_logits, efficient=efficient, compile=compile)
+
+
+def decode(model: Transformer, batch: Batch, logits: torch.Tensor, max_new_tokens: int, *, sampling: Sampling,
+           eos_ids: Sequence[int] = (), stop: Callable[[list[int]], bool] | None = None,
+           on_token: Callable[[int, int], None] | None = None, return_logits: bool = False,
+           efficient: bool = False, compile: bool = False) -> Generation:
+    """Choose tokens from the first pass's logits [B, V] and decode step by step until every sequence of the
+    batch has stopped (see `generate_tokens` for the arguments)."""
     generator = torch.Generator().manual_seed(sampling.seed)
-    B = len(prompts)
+    B = len(batch.rows)
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     eos = set(eos_ids)
     step_logits = []
-    if max_new_tokens == 0:
-        left_pad(prompts, pad_id)  # the prompts are still checked
-        return Generation(new_tokens, torch.empty(B, 0, model.config.vocab_size) if return_logits else None)
-    batch, logits = start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode=mode,
-                          prompt_states=prompt_states, efficient=efficient, static=compile)
     for step in range(max_new_tokens):
         token = choose_next(logits, sampling, generator)
         if return_logits:  # [B, V]; NaN for sequences that have already stopped
@@ -170,12 +182,51 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     return Generation(new_tokens, logits)
 
 
+@torch.no_grad()
+def generate_packed(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    manipulations: Sequence[Manipulation | None], prompt_states: PromptStates, *,
+                    eos_ids: Sequence[int] = (), pad_id: int = 0, stop: Callable[[list[int]], bool] | None = None,
+                    return_logits: bool = False, efficient: bool = False) -> list[Generation]:
+    """Greedy cached generation of the same prompts under several manipulations of one kind (each at its own
+    layer k, or None), one `Generation` per manipulation: the same tokens as a `generate_tokens` call for each.
+
+    Each run's first pass starts from the shared `prompt_states` on its own, as in `generate_tokens`; then all
+    runs decode together in one batch (`minillm.packed`), which costs little more per step than one run's.
+    Memory: every run's KV cache at once, and a copy of all of them side by side while the batch is packed.
+    """
+    config = model.config
+    check_generation(config, prompts, max_new_tokens, pad_id=pad_id, eos_ids=eos_ids)
+    for manipulation in manipulations:
+        if manipulation is not None:
+            manipulation.check(config.num_layers, config.hidden_size, [len(p) for p in prompts])
+    weight = model.embed_tokens.weight
+    packed = PackedRuns.of(manipulations, len(prompts), config.num_layers, weight.device)
+    if max_new_tokens == 0 or not manipulations:
+        left_pad(prompts, pad_id)  # the prompts are still checked
+        no_logits = torch.empty(len(prompts), 0, config.vocab_size) if return_logits else None
+        return [Generation([[] for _ in prompts], no_logits) for _ in manipulations]
+    runs = [start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode="cached",
+                  prompt_states=prompt_states, efficient=efficient) for manipulation in manipulations]
+    batches, first_logits = zip(*runs, strict=True)
+    cache = KVCache.concatenate([batch.cache for batch in batches], config, weight.dtype, weight.device)
+    batch = Batch(list(range(len(runs) * len(prompts))), packed, cache, torch.cat([b.input_ids for b in batches]),
+                  torch.cat([b.attention_mask for b in batches]))
+    logits = torch.cat(first_logits)
+    del runs, batches, first_logits  # each run's own cache: the packed one holds them all now
+    generation = decode(model, batch, logits, max_new_tokens, sampling=Sampling(), eos_ids=eos_ids, stop=stop,
+                        return_logits=return_logits)
+    B = len(prompts)
+    return [Generation(generation.tokens[run * B:(run + 1) * B],
+                       None if generation.logits is None else generation.logits[run * B:(run + 1) * B])
+            for run in range(len(manipulations))]
+
+
 @dataclass
 class Batch:
     """The sequences still being generated, and what the next model call needs to know about them."""
 
     rows: list[int]  # which sequence each row of the batch is (finished ones are dropped)
-    manipulation: Manipulation | None
+    manipulation: Manipulation | PackedRuns | None
     cache: KVCache | None  # cached mode
     input_ids: torch.Tensor  # [B, T] every token so far: faithful mode reruns them all at each step
     attention_mask: torch.Tensor  # [B, T]
@@ -232,6 +283,8 @@ def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient
         step_input, step_mask = batch.input_ids, batch.attention_mask
     else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
         step_input, step_mask = token[:, None], None
+    if isinstance(batch.manipulation, PackedRuns):  # several runs' rows, each from its own k
+        return batch.manipulation.decode_step(model, batch.cache, token)
     if compile:  # a new step: CUDA graphs may overwrite the previous step's outputs, which nothing reads again
         torch.compiler.cudagraph_mark_step_begin()
     logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,

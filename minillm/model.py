@@ -19,6 +19,7 @@ loop (`Transformer.layer_stack`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -200,6 +201,31 @@ class KVCache:
         self.keys[layer][:, :, start:self.length] = keys
         self.values[layer][:, :, start:self.length] = values
         return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
+
+    def newest(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's stored keys/values [B, kv_heads, 1, head_dim] of the current pass's last token."""
+        slot = self.length - 1
+        return self.keys[layer][:, :, slot:slot + 1], self.values[layer][:, :, slot:slot + 1]
+
+    @classmethod
+    def concatenate(cls, caches: Sequence[KVCache], config: ModelConfig, dtype: torch.dtype,
+                    device: torch.device | str) -> KVCache:
+        """One cache holding these caches' sequences, one after another along the batch: runs decoded together
+        (`minillm.packed`). Layers that a cache does not hold (efficient skip_attention from its k up) are zeros
+        in its rows, which never read them."""
+        first = caches[0]
+        if any(c.length != first.length or c.max_length != first.max_length or c.static for c in caches):
+            raise ValueError("concatenate: the caches must hold the same slots, and none may be static")
+        packed = cls(config, sum(c.key_valid.shape[0] for c in caches), first.max_length, dtype, device)
+        row = 0
+        for cache in caches:
+            rows = slice(row, row + cache.key_valid.shape[0])
+            for j in range(cache.num_layers):
+                packed.keys[j][rows], packed.values[j][rows] = cache.keys[j], cache.values[j]
+            packed.key_valid[rows], packed.next_position[rows] = cache.key_valid, cache.next_position
+            row = rows.stop
+        packed.length = first.length
+        return packed
 
     def layer(self, layer: int) -> LayerCache | None:
         """Layer `layer`'s view of the cache (None above the layers this cache holds)."""

@@ -110,6 +110,20 @@ def test_shards_together_equal_one_unsharded_run(tiny, tmp_path):
     assert merged == aggregate(load_results(tmp_path / "whole").values())
 
 
+def test_conditions_decoded_together_give_the_answers_each_gives_alone(tiny, tmp_path):
+    packed = [json.loads(line) for line in lines(small_sweep(tiny, tmp_path / "packed"))]
+    alone = [json.loads(line) for line in lines(small_sweep(tiny, tmp_path / "alone", pack_rows=1))]
+    assert [(r["task"], r["example"], r["kind"], r["k"], r["seed"], r["generation"]) for r in packed] == [
+        (r["task"], r["example"], r["kind"], r["k"], r["seed"], r["generation"]) for r in alone]
+    assert len({r["generation"] for r in packed if r["kind"] == "random"}) > 3  # the conditions do differ
+    assert json.loads((tmp_path / "packed" / "run.json").read_text())["sweep"]["pack_rows"] == 64
+    # how rows are packed is part of the run (other batches round differently): resuming with another is refused
+    with pytest.raises(SweepError, match=r"holds results for rows decoded together \(--pack-rows\) 1, this run has 64"):
+        small_sweep(tiny, tmp_path / "alone")
+    with pytest.raises(SweepError, match="--pack-rows must be at least 1, got 0"):
+        small_sweep(tiny, tmp_path / "zero", pack_rows=0)
+
+
 def test_a_directory_of_another_model_is_refused(tiny, tmp_path):
     small_sweep(tiny, tmp_path)
     model, tokenizer = tiny
