@@ -8,8 +8,8 @@ What is compared
               batch, a KV cache, and prefix reuse: the unmanipulated prompt pass (`PromptStates`) is done
               once per task, and every manipulated run starts at its layer k from those states and the
               cached keys/values of the layers below k. The runs of one manipulation (consecutive cells,
-              up to `--pack-rows` rows) then decode together in one batch; `--pack-rows 1` runs each
-              cell on its own (`generate_tokens`).
+              their caches within `--pack-tokens` token slots) then decode together in one batch;
+              `--pack-tokens 1` runs each cell on its own (`generate_tokens`).
     paper     the approach of the paper's released code, rebuilt on `transformers`: forward
               pre-hooks on `LlamaForCausalLM`'s decoder layers, batch size 1, and no KV cache:
               every generated token reruns the whole sequence (only the last position's logits
@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 from dataclasses import dataclass, field
 
 import common
@@ -79,6 +78,7 @@ from torch import nn
 
 from minillm.generate import PromptStates, generate_packed, generate_tokens
 from minillm.manipulation import KINDS, Manipulation, random_directions
+from minillm.packed import PACK_TOKENS, in_packs
 
 DEFAULT_LIMITS = "capitals=16,context-qa=4"
 DEFAULT_LAYERS = "0,15"
@@ -95,9 +95,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paper-every", type=int, default=1,
                         help="run the paper's side on every N-th example only and extrapolate its time (default 1)")
     parser.add_argument("--no-efficient", action="store_true", help="minillm without efficient=True")
-    parser.add_argument("--pack-rows", type=int, default=64,
-                        help="minillm decodes the cells of one manipulation together, up to this many rows "
-                             "(default %(default)s, as `minillm sweep`; 1: each cell alone)")
+    parser.add_argument("--pack-tokens", type=int, default=PACK_TOKENS,
+                        help="minillm decodes the cells of one manipulation together, their caches within this "
+                             "many token slots (default %(default)s, as `minillm sweep`; 1: each cell alone)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="manipulations (default: all four)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the random manipulation")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -165,11 +165,10 @@ def load_tasks(limits: dict[str, int], tokenizer) -> list[TaskData]:
     return tasks
 
 
-def packs(cells: list[Cell], rows_each: int, pack_rows: int) -> list[list[Cell]]:
-    """Consecutive cells of one manipulation together, as many as fit in pack_rows rows (one at least)."""
-    per_pack = max(1, pack_rows // rows_each)
-    groups = [list(group) for _, group in itertools.groupby(cells, key=lambda cell: cell.kind)]
-    return [group[start:start + per_pack] for group in groups for start in range(0, len(group), per_pack)]
+def packs(cells: list[Cell], data: TaskData, pack_tokens: int) -> list[list[Cell]]:
+    """Consecutive cells of one manipulation together, as `minillm sweep` packs them."""
+    cache_slots = len(data.prompts) * (max(map(len, data.prompts)) + data.task.max_new_tokens)
+    return in_packs(cells, lambda cell: cell.kind, cache_slots, pack_tokens)
 
 
 def grid(task: str, kinds: list[str], layers: list[int], num_layers: int) -> list[Cell]:
@@ -433,7 +432,7 @@ def main() -> None:
     cells = {data.name: grid(data.name, kinds, layers, L) for data in tasks}
     print(common.machine_header(device))
     print(f"{args.model} fp32 on {device}, {args.threads} thread(s), torch {torch.__version__}; k in {layers}; "
-          f"kinds {kinds}; minillm efficient={ours.efficient}, pack rows {args.pack_rows}")
+          f"kinds {kinds}; minillm efficient={ours.efficient}, pack tokens {args.pack_tokens}")
     for data in tasks:
         lengths = [len(p) for p in data.prompts]
         print(f"  {data.name}: {len(data.prompts)} examples (prompts {min(lengths)}-{max(lengths)} tokens), "
@@ -450,7 +449,7 @@ def main() -> None:
         ours_clock(name, ours.start_task, data)
         if paper is not None:
             paper_clock(name, paper.start_task, data)
-        for pack in packs(cells[name], len(data.prompts), args.pack_rows):
+        for pack in packs(cells[name], data, args.pack_tokens):
             before = ours_clock.wall[name]
             pack_tokens = ours_clock(name, ours.run, pack)
             share = (ours_clock.wall[name] - before) / len(pack)

@@ -6,18 +6,15 @@ and times each phase of generation by wrapping the function of `minillm.generate
     prompt states   the unmanipulated pass over a task's prompts, once per task (`PromptStates.compute`)
     first pass      a run's pass over the prompts from its layer k (`start`, without the cache fork)
     cache fork      the run's own copy of the cache layers >= k (`KVCache.fork`; the layers below are shared)
+    cache pack      the packed runs' caches copied side by side (`KVCache.concatenate`)
     decode          one token per step for every row still in the batch (`decode_step`); with the number of
                     steps and the mean rows per step, the batch a step really has once rows finish
     drop finished   rows that stopped leave the batch (`drop_finished`: the cache rows are copied)
     choose, stop    the greedy choice and the task's stop rule (which decodes each answer with the tokenizer)
-    other           the rest of `generate_tokens`: the checks, the Python loop
+    other           the rest of `generate_tokens` / `generate_packed`: the checks, the Python loop
 
-What packing conditions would buy (an estimate, printed last): a run's decode steps have few rows (16 or
-4 examples, fewer once answers end), and a decode step's cost grows much less than its rows. Packing every
-condition of a task into one batch (which needs per-row manipulations in the model; not done) would give
-each step about (all conditions' row-steps) / (the longest condition's steps) rows. Each cell's decode time
-is scaled by r(packed rows) / r(its own mean rows), r(B) being the CPU time per row of an unmanipulated
-decode step at batch B over the task's prompt width, measured here.
+The cells are packed as `bench_sweep.py` and `minillm sweep` pack them (`--pack-tokens`): each line is one
+pack, the runs of one manipulation at the k it lists, decoded together.
 
 Times are process CPU seconds (with `--threads 1`, the steady figure on a shared machine) and wall
 seconds, the device synchronized around each phase. The wrappers cost a few microseconds a call.
@@ -25,6 +22,7 @@ seconds, the device synchronized around each phase. The wrappers cost a few micr
 Run
     python benchmarks/sweep_breakdown.py                                                # bench_sweep's default grid
     python benchmarks/sweep_breakdown.py --limit capitals=64,context-qa=16 --layers 0,10,20
+    python benchmarks/sweep_breakdown.py --pack-tokens 1                                # each cell alone
 """
 
 from __future__ import annotations
@@ -39,10 +37,11 @@ import torch
 
 from minillm.manipulation import KINDS
 from minillm.model import KVCache
+from minillm.packed import PACK_TOKENS
 
 # The module, not the package's `generate` function of the same name, which `import minillm.generate as` would give.
 generation = importlib.import_module("minillm.generate")
-PHASES = ("first pass", "cache fork", "decode", "drop finished", "choose, stop")
+PHASES = ("first pass", "cache fork", "cache pack", "decode", "drop finished", "choose, stop")
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", default=bench_sweep.DEFAULT_LAYERS, help="comma-separated k values")
     parser.add_argument("--kinds", default=",".join(KINDS), help="manipulations (default: all four)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--pack-tokens", type=int, default=PACK_TOKENS, help="as bench_sweep.py's (default %(default)s)")
     parser.add_argument("--model", default="smollm2-135m", help="embedded name or checkpoint folder")
     common.add_device_argument(parser)
     return parser.parse_args()
@@ -90,6 +90,7 @@ def instrument(clock: PhaseClock, tasks: list[bench_sweep.TaskData]) -> None:
     generation.drop_finished = clock.timed("drop finished", generation.drop_finished)
     generation.choose_next = clock.timed("choose, stop", generation.choose_next)
     KVCache.fork = clock.timed("cache fork", KVCache.fork)
+    KVCache.concatenate = classmethod(clock.timed("cache pack", KVCache.concatenate.__func__))
     for data in tasks:
         data.stop = clock.timed("choose, stop", data.stop)
 
@@ -115,14 +116,14 @@ def main() -> None:
             ours.start_task(data)
         totals[clock.label] += t.cpu
         wall += t.wall
-        for cell in bench_sweep.grid(data.name, args.kinds.split(","), layers, L):
-            clock.label = f"{data.name} {cell.kind} k={cell.layer}"
+        cells = bench_sweep.grid(data.name, args.kinds.split(","), layers, L)
+        for pack in bench_sweep.packs(cells, data, args.pack_tokens):
+            clock.label = f"{data.name} {pack[0].kind} k={','.join(str(cell.layer) for cell in pack)}"
             with common.Timer(device) as t:
-                ours.run(cell)
+                ours.run(pack)
             totals[clock.label] += t.cpu
             wall += t.wall
     report(clock, totals, wall)
-    packing_estimate(model, tasks, clock, device)
 
 
 def report(clock: PhaseClock, totals: dict[str, float], wall: float) -> None:
@@ -131,13 +132,13 @@ def report(clock: PhaseClock, totals: dict[str, float], wall: float) -> None:
         cpu[label, "first pass"] = cpu.get((label, "first pass"), 0.0) - cpu.get((label, "cache fork"), 0.0)
     grand = sum(totals.values())
     print(f"\nCPU seconds per phase (whole sweep: CPU {grand:.1f} s, wall {wall:.1f} s)")
-    print(f"  {'':31} {'total':>7} " + " ".join(f"{phase:>13}" for phase in PHASES)
+    print(f"  {'':44} {'total':>7} " + " ".join(f"{phase:>13}" for phase in PHASES)
           + f" {'other':>7}  decode steps, mean rows per step")
     by_phase = defaultdict(float)
     for label, total in totals.items():
         if label.endswith("prompt states"):
             by_phase["prompt states"] += total
-            print(f"  {label:31} {total:7.2f}")
+            print(f"  {label:44} {total:7.2f}")
             continue
         parts = [cpu.get((label, phase), 0.0) for phase in PHASES]
         for phase, seconds in zip(PHASES, parts, strict=True):
@@ -146,7 +147,7 @@ def report(clock: PhaseClock, totals: dict[str, float], wall: float) -> None:
         by_phase["other"] += other
         steps = clock.steps[label]
         rows = clock.rows[label] / steps if steps else 0.0
-        print(f"  {label:31} {total:7.2f} " + " ".join(f"{seconds:13.2f}" for seconds in parts)
+        print(f"  {label:44} {total:7.2f} " + " ".join(f"{seconds:13.2f}" for seconds in parts)
               + f" {other:7.2f}  {steps:4d}, {rows:5.1f}")
     print("  share of the sweep's CPU time by phase: " + ", ".join(
         f"{phase} {seconds / grand * 100:.1f}%" for phase, seconds in by_phase.items()))
@@ -155,42 +156,6 @@ def report(clock: PhaseClock, totals: dict[str, float], wall: float) -> None:
         by_kind["prompt states" if label.endswith("prompt states") else label.split()[1]] += total
     print("  by manipulation (its runs' whole time): " + ", ".join(
         f"{kind} {seconds / grand * 100:.1f}%" for kind, seconds in by_kind.items()))
-
-
-def seconds_per_row(model, batch_size: int, width: int, device: torch.device) -> float:
-    """CPU seconds per row of one unmanipulated decode step at this batch size, `width` tokens cached (best of 3)."""
-    cache = generation.new_cache(model, batch_size, width + 1)
-    cache.append(torch.ones(batch_size, width, dtype=torch.bool, device=device))  # slots taken; their values do not matter
-    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    times = []
-    for _ in range(3):
-        with common.Timer(device) as t:
-            model(token, cache=cache, last_logits_only=True, checked=True)
-        cache.rewind(width)
-        times.append(t.cpu)
-    return min(times) / batch_size
-
-
-def packing_estimate(model, tasks: list[bench_sweep.TaskData], clock: PhaseClock, device: torch.device) -> None:
-    """The decode time if every condition of a task shared one batch (see the module's docstring)."""
-    print("\nwhat packing each task's conditions into one decode batch would buy (estimate):")
-    for data in tasks:
-        labels = [label for label in clock.steps if label.startswith(data.name + " ")]
-        width = max(len(prompt) for prompt in data.prompts) + data.task.max_new_tokens // 2
-        packed_rows = round(sum(clock.rows[label] for label in labels) / max(clock.steps[label] for label in labels))
-        per_row = {}
-
-        def rate(rows: int) -> float:
-            if rows not in per_row:
-                per_row[rows] = seconds_per_row(model, rows, width, device)
-            return per_row[rows]
-
-        now = sum(clock.cpu[label, "decode"] for label in labels)
-        packed = sum(clock.cpu[label, "decode"] * rate(packed_rows) / rate(max(1, round(clock.rows[label] / clock.steps[label])))
-                     for label in labels)
-        mean_rows = [clock.rows[label] / clock.steps[label] for label in labels]
-        print(f"  {data.name:10} decode CPU {now:6.2f} s now, about {packed:6.2f} s packed "
-              f"({packed_rows} rows per step instead of {min(mean_rows):.1f} to {max(mean_rows):.1f})")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import sys
 
 import minillm.cli
-from evals.task_options import add_task_arguments, register_task_commands
+from evals.task_options import add_task_arguments, count_argument, register_task_commands
 from minillm.cli import add_model_arguments, load_from_arguments
 
 # `minillm reproduce` on the embedded SmolLM2-135M, sized for about 15 minutes on an idle 2-core machine.
@@ -77,7 +77,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         model, tokenizer = load_from_arguments(args)
         batch_size = resolved_batch_size(args, model, tokenizer, tasks)
         result = run_sweep(model, tokenizer, tasks, kinds, grid, args.out, model_name=args.model, seeds=args.seeds,
-                           batch_size=batch_size, pack_rows=resolved_pack_rows(args, batch_size), shard=shard)
+                           batch_size=batch_size, pack_tokens=resolved_pack_tokens(args, tokenizer, tasks, batch_size), shard=shard)
     print(results_table(result.summaries))
     part = "" if shard.count == 1 else f" (shard {shard.index}/{shard.count} only: `minillm report` merges the shards)"
     print(f"results: {result.path}{part}")
@@ -131,7 +131,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         model, tokenizer = load_from_arguments(args)
         batch_size = resolved_batch_size(args, model, tokenizer, tasks)  # the swap's prompts are shorter
         run_sweep(model, tokenizer, tasks, REPRODUCE_KINDS, grid, out, model_name=args.model, seeds=args.seeds,
-                  batch_size=batch_size, pack_rows=resolved_pack_rows(args, batch_size))
+                  batch_size=batch_size, pack_tokens=resolved_pack_tokens(args, tokenizer, tasks, batch_size))
         swept = time.perf_counter()
         run_swap(model, tokenizer, swap_grid, out, model_name=args.model, limit=swap_limit, batch_size=batch_size)
         swapped = time.perf_counter()
@@ -172,16 +172,23 @@ def resolved_batch_size(args: argparse.Namespace, model, tokenizer, tasks) -> in
     return size
 
 
-def resolved_pack_rows(args: argparse.Namespace, batch_size: int) -> int:
-    """--pack-rows, at most the batch size that 'auto' found: that budget counts one run's cache per row, and
-    packed runs hold theirs all at once."""
-    return min(args.pack_rows, batch_size) if args.batch_size == "auto" else args.pack_rows
+def resolved_pack_tokens(args: argparse.Namespace, tokenizer, tasks, batch_size: int) -> int:
+    """--pack-tokens; with --batch-size auto, at most the cache slots of the batch it found (whose memory budget
+    counts a whole cache per sequence, and the shared prompt states' beside it)."""
+    from evals.sweep import longest_sequence
+
+    if args.batch_size != "auto":
+        return args.pack_tokens
+    return min(args.pack_tokens, batch_size * sum(longest_sequence(tokenizer, tasks)))
 
 
 def add_pack_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pack-rows", type=int, default=64,
-                        help="decode the conditions of one kind together, up to this many rows in one batch (1: "
-                             "each condition alone); with --batch-size auto, at most that size (default %(default)s)")
+    from minillm.packed import PACK_TOKENS
+
+    parser.add_argument("--pack-tokens", type=count_argument(1), default=PACK_TOKENS,
+                        help="decode the conditions of one kind together while their KV caches hold at most this "
+                             "many token slots (rows x positions); 1: each condition alone; with --batch-size auto, "
+                             "at most that batch's (default %(default)s)")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, batch_size: int, layers: str | None = "all") -> None:

@@ -16,7 +16,7 @@ files that are both called `data.jsonl` stay two tasks as long as their tasks ar
 
 A folder never mixes runs. Before any work a run compares its manifest with the folder's run.json:
 
-- a different model, checkpoint, dtype, minillm version, batch size, pack rows, or a task whose examples,
+- a different model, checkpoint, dtype, minillm version, batch size, pack size, or a task whose examples,
   prompts, template, shots or max_new_tokens differ: refused, in one line naming the setting;
 - more kinds, layers, seeds or tasks than the folder has: the same run, extended (it says so);
 - then every stored record of the planned work must have been made from the same prompt and gold
@@ -243,7 +243,7 @@ def model_manifest(model: Transformer, model_name: str) -> dict:
 SETTING_NAMES = {
     "model": "model", "dtype": "dtype", "num_layers": "number of layers", "checkpoint": "checkpoint weights "
     "(another fingerprint)", "minillm": "minillm version", "batch_size": "batch size (--batch-size)",
-    "pack_rows": "rows decoded together (--pack-rows)",
+    "pack_tokens": "cache slots decoded together (--pack-tokens)",
     "examples": "number of examples (--limit)", "template": "template", "shots": "shots (demonstrations)",
     "max_new_tokens": "max_new_tokens", "stop": "stop strings", "metric": "metric", "seed": "pairing seed (--seed)",
     "examples_sha256": "examples (an edited data file?)",

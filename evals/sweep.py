@@ -24,10 +24,11 @@ How the work is cut up, and why it makes resuming and sharding exact
 A task's prompts are sorted by token length (ties in example order) and cut
 into batches of `batch_size`, which keeps padding small. A *work unit* is one
 batch under one or more conditions (baseline, or kind at k with a seed) of one
-kind, consecutive in the sweep's order, with `pack_rows` rows in all at most:
-each condition's first pass runs on its own, and their decode steps run packed
-in one batch (`minillm.generate.generate_packed`), which costs little more per
-step than one condition's. The list of units is a fixed function of the
+kind, consecutive in the sweep's order, as many as keep their KV caches within
+`pack_tokens` token slots (rows x positions; `--pack-tokens`): each condition's
+first pass runs on its own, and their decode steps run packed in one batch
+(`minillm.generate.generate_packed`), which costs little more per step than one
+condition's. The list of units is a fixed function of the
 arguments, and a unit's batch and conditions never depend on what is already
 done, so its answers are the same numbers whether it runs first, after a
 resume, or in another shard. Hence:
@@ -50,7 +51,6 @@ batch starts from the stored states at its own layer k.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -76,6 +76,7 @@ from minillm.generate import PromptStates, generate_packed, generate_tokens
 from minillm.inputs import check_fits_context
 from minillm.manipulation import KIND_FACTS, Manipulation
 from minillm.model import Transformer
+from minillm.packed import PACK_TOKENS, in_packs
 from minillm.tokenizer import Tokenizer
 
 SWEEP_KINDS = tuple(kind for kind, facts in KIND_FACTS.items() if not facts.donor)
@@ -198,10 +199,15 @@ def auto_batch_size(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Ta
     states, fits the memory budget of the model's device (see `minillm.memory`)."""
     from minillm import memory
 
-    longest = max(len(tokenizer.encode(task.prompt(example))) for task in tasks for example in task.examples)
+    longest, new_tokens = longest_sequence(tokenizer, tasks)
     weight = model.embed_tokens.weight
-    return memory.auto_batch_size(model.config, weight.dtype, longest, max(task.max_new_tokens for task in tasks),
-                                  memory.memory_budget(weight.device))
+    return memory.auto_batch_size(model.config, weight.dtype, longest, new_tokens, memory.memory_budget(weight.device))
+
+
+def longest_sequence(tokenizer: Tokenizer, tasks: Sequence[Task]) -> tuple[int, int]:
+    """The longest prompt of these tasks in tokens, and the largest answer budget (max_new_tokens)."""
+    longest = max(len(tokenizer.encode(task.prompt(example))) for task in tasks for example in task.examples)
+    return longest, max(task.max_new_tokens for task in tasks)
 
 
 def task_manifest(task: Task, tokenizer: Tokenizer) -> dict:
@@ -332,19 +338,15 @@ def batch_prompt_states(model: Transformer, tokenizer: Tokenizer, batch: Batch) 
 Unit = tuple[Batch, tuple[Condition, ...]]  # a batch under conditions of one kind, decoded together
 
 
-def packed_units(batch: Batch, runs: Sequence[Condition], pack_rows: int) -> list[Unit]:
+def packed_units(batch: Batch, runs: Sequence[Condition], pack_tokens: int) -> list[Unit]:
     """The batch under each condition in order: consecutive conditions of one kind together in one unit, as many
-    as fit in pack_rows rows (always one at least)."""
-    per_unit = max(1, pack_rows // len(batch.examples))
-    units = []
-    for _, group in itertools.groupby(runs, key=lambda condition: condition.kind):
-        group = tuple(group)
-        units += [(batch, group[start:start + per_unit]) for start in range(0, len(group), per_unit)]
-    return units
+    as keep their caches within pack_tokens token slots (`minillm.packed.in_packs`)."""
+    cache_slots = len(batch.examples) * (max(map(len, batch.prompts)) + batch.task.max_new_tokens)
+    return [(batch, tuple(pack)) for pack in in_packs(runs, lambda condition: condition.kind, cache_slots, pack_tokens)]
 
 
 def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str], grid: LayerGrid,
-         seeds: int, batch_size: int, pack_rows: int) -> tuple[list[Unit], dict]:
+         seeds: int, batch_size: int, pack_tokens: int) -> tuple[list[Unit], dict]:
     """Every work unit of the sweep, in a fixed order (task by task, batch by batch, condition by condition),
     and the sweep's settings for the run manifest."""
     unique_names(tasks)
@@ -356,9 +358,9 @@ def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds:
             for example, prompt in zip(batch.examples, batch.prompts, strict=True):
                 check_fits_context(len(prompt), task.max_new_tokens, model.config,
                                    f"task {task.name!r}, example {example.id!r}: its prompt")
-        units += [unit for batch in batches for unit in packed_units(batch, runs, pack_rows)]
+        units += [unit for batch in batches for unit in packed_units(batch, runs, pack_tokens)]
         manifests[task.name] = task_manifest(task, tokenizer)
-    settings = {"batch_size": batch_size, "pack_rows": pack_rows, "tasks": manifests, "kinds": sorted(set(kinds)),
+    settings = {"batch_size": batch_size, "pack_tokens": pack_tokens, "tasks": manifests, "kinds": sorted(set(kinds)),
                 "layers": sorted({condition.k for condition in runs[1:]}), "seeds": seeds}
     return units, settings
 
@@ -392,19 +394,19 @@ class SweepResult:
 
 def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str],
               grid: LayerGrid, out_dir: str | os.PathLike | None = None, *, seeds: int = 1, batch_size: int = 16,
-              pack_rows: int = 64, shard: Shard | None = None, model_name: str = "model",
+              pack_tokens: int = PACK_TOKENS, shard: Shard | None = None, model_name: str = "model",
               progress: bool = True) -> SweepResult:
     """Run this shard's part of the sweep, in memory, or into out_dir (continuing what it holds).
 
-    pack_rows: the most rows decoded in one batch, the conditions of one kind packed together (see the module's
-    docstring); each condition's KV cache is held at once, and copied side by side while they are packed.
+    pack_tokens: how many conditions of one kind decode together, as the token slots (rows x positions) of
+    their KV caches in all (see the module's docstring and `minillm.packed.PACK_TOKENS`); 1: each alone.
     With out_dir, the folder's run manifest must agree with this run (see `evals.results`), and
     the records go to the shard's file as they come.
     """
     shard = shard or Shard()
-    if pack_rows < 1:
-        raise SweepError(f"--pack-rows must be at least 1, got {pack_rows}")
-    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size, pack_rows)
+    if pack_tokens < 1:
+        raise SweepError(f"--pack-tokens must be at least 1, got {pack_tokens}")
+    planned, settings = plan(model, tokenizer, tasks, kinds, grid, seeds, batch_size, pack_tokens)
     units = [unit for index, unit in enumerate(planned) if shard.owns(index)]
     if out_dir is None:
         return execute(model, tokenizer, units, ResultLog(None, RESULTS_GLOB), model_name, progress)

@@ -31,7 +31,8 @@ from minillm.tokenizer import Tokenizer
 _NAME = re.compile(r"[\w.:\-\[\]]+")
 
 
-def _count(minimum: int):
+def count_argument(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -86,17 +87,17 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the task's name (default: the file's stem and a hash of its path)")
     group.add_argument("--split", action=_SourceOption, default=argparse.SUPPRESS,
                        help="the --hf-dataset split (default: validation)")
-    group.add_argument("--shots", type=_count(0),
+    group.add_argument("--shots", type=count_argument(0),
                        help="N demonstrations drawn from each task's own data, never scored (default: each task's "
                             "own: fixed ones for capitals, fanoutqa, summarization; 2 drawn for reading tasks)")
-    group.add_argument("--seed", type=_count(0), default=0, help="seed that draws the demonstrations (default: 0)")
+    group.add_argument("--seed", type=count_argument(0), default=0, help="seed that draws the demonstrations (default: 0)")
     group.add_argument("--template",
                        help="the prompt of one example, with named fields such as {question}, {context}, {document}; "
                             "\\n is a line break; @FILE reads it from a file")
-    group.add_argument("--max-new-tokens", type=_count(1), help="answer budget in tokens (default: each task's own)")
+    group.add_argument("--max-new-tokens", type=count_argument(1), help="answer budget in tokens (default: each task's own)")
     group.add_argument("--chat", action="store_true", help="write each prompt in the model's chat template, "
                                                             "demonstrations as earlier turns")
-    group.add_argument("--limit", type=_count(1), help="N examples of each task, spread evenly over it "
+    group.add_argument("--limit", type=count_argument(1), help="N examples of each task, spread evenly over it "
                                                       "(default: all)")
 
 

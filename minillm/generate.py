@@ -30,7 +30,7 @@ from minillm.errors import ManipulationError
 from minillm.inputs import check_generation, check_sampling
 from minillm.manipulation import Manipulation
 from minillm.model import KVCache, Transformer
-from minillm.packed import PackedRuns
+from minillm.packed import PackedRuns, decode_layers
 
 MODES = ("cached", "faithful")
 # A static cache's length is rounded up to a multiple of this, so that prompts of similar lengths share one
@@ -200,25 +200,27 @@ def generate_packed(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         if manipulation is not None:
             manipulation.check(config.num_layers, config.hidden_size, [len(p) for p in prompts])
     weight = model.embed_tokens.weight
-    packed = PackedRuns.of(manipulations, len(prompts), config.num_layers, weight.device)
+    # Runs in order of k, as a packed batch needs (`PackedRuns`); their generations go back in the given order.
+    order = sorted(range(len(manipulations)), key=decode_layers(manipulations, config.num_layers).__getitem__)
+    packed = PackedRuns.of([manipulations[i] for i in order], len(prompts), config.num_layers, weight.device)
     if max_new_tokens == 0 or not manipulations:
         left_pad(prompts, pad_id)  # the prompts are still checked
         no_logits = torch.empty(len(prompts), 0, config.vocab_size) if return_logits else None
         return [Generation([[] for _ in prompts], no_logits) for _ in manipulations]
-    runs = [start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulation, mode="cached",
-                  prompt_states=prompt_states, efficient=efficient) for manipulation in manipulations]
+    runs = [start(model, prompts, max_new_tokens, pad_id=pad_id, manipulation=manipulations[i], mode="cached",
+                  prompt_states=prompt_states, efficient=efficient) for i in order]
     batches, first_logits = zip(*runs, strict=True)
     cache = KVCache.concatenate([batch.cache for batch in batches], config, weight.dtype, weight.device)
     batch = Batch(list(range(len(runs) * len(prompts))), packed, cache, torch.cat([b.input_ids for b in batches]),
                   torch.cat([b.attention_mask for b in batches]))
-    logits = torch.cat(first_logits)
-    del runs, batches, first_logits  # each run's own cache: the packed one holds them all now
-    generation = decode(model, batch, logits, max_new_tokens, sampling=Sampling(), eos_ids=eos_ids, stop=stop,
-                        return_logits=return_logits)
+    generation = decode(model, batch, torch.cat(first_logits), max_new_tokens, sampling=Sampling(), eos_ids=eos_ids,
+                        stop=stop, return_logits=return_logits)
     B = len(prompts)
-    return [Generation(generation.tokens[run * B:(run + 1) * B],
-                       None if generation.logits is None else generation.logits[run * B:(run + 1) * B])
-            for run in range(len(manipulations))]
+    generations = [None] * len(manipulations)
+    for position, run in enumerate(order):
+        rows = slice(position * B, (position + 1) * B)
+        generations[run] = Generation(generation.tokens[rows], None if generation.logits is None else generation.logits[rows])
+    return generations
 
 
 @dataclass

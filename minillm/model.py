@@ -188,48 +188,57 @@ class KVCache:
         if self.static:
             self.slots = torch.arange(start, end, device=self.key_valid.device)
 
-    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values [B, kv_heads, t, head_dim] of the current pass's last t tokens into this layer's
         slots; return all of the layer's keys/values so far [B, kv_heads, length, head_dim] (static: all
-        max_length slots)."""
+        max_length slots). rows: a range of the batch's sequences, which keys and values hold (all when None)."""
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        if rows is not None:  # views: the writes below go into this cache
+            layer_keys, layer_values = layer_keys[rows], layer_values[rows]
         if self.static:
             slots = self.slots[self.slots.shape[0] - keys.shape[2]:]
-            self.keys[layer].index_copy_(2, slots, keys)
-            self.values[layer].index_copy_(2, slots, values)
-            return self.keys[layer], self.values[layer]
+            layer_keys.index_copy_(2, slots, keys)
+            layer_values.index_copy_(2, slots, values)
+            return layer_keys, layer_values
         start = self.length - keys.shape[2]
-        self.keys[layer][:, :, start:self.length] = keys
-        self.values[layer][:, :, start:self.length] = values
-        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
-
-    def newest(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's stored keys/values [B, kv_heads, 1, head_dim] of the current pass's last token."""
-        slot = self.length - 1
-        return self.keys[layer][:, :, slot:slot + 1], self.values[layer][:, :, slot:slot + 1]
+        layer_keys[:, :, start:self.length] = keys
+        layer_values[:, :, start:self.length] = values
+        return layer_keys[:, :, :self.length], layer_values[:, :, :self.length]
 
     @classmethod
     def concatenate(cls, caches: Sequence[KVCache], config: ModelConfig, dtype: torch.dtype,
                     device: torch.device | str) -> KVCache:
         """One cache holding these caches' sequences, one after another along the batch: runs decoded together
-        (`minillm.packed`). Layers that a cache does not hold (efficient skip_attention from its k up) are zeros
-        in its rows, which never read them."""
+        (`minillm.packed`). It takes their layers, layer by layer, and leaves them empty: the caches and the
+        copy never exist twice in full. Layers that a cache does not hold (efficient skip_attention from its k
+        up) are zeros in its rows, which never read them."""
         first = caches[0]
         if any(c.length != first.length or c.max_length != first.max_length or c.static for c in caches):
             raise ValueError("concatenate: the caches must hold the same slots, and none may be static")
-        packed = cls(config, sum(c.key_valid.shape[0] for c in caches), first.max_length, dtype, device)
-        row = 0
+
+        def take(cache: KVCache, tensors: list, j: int) -> torch.Tensor:
+            if j >= cache.num_layers:
+                shape = (cache.key_valid.shape[0], config.num_kv_heads, cache.max_length, config.head_dim)
+                return torch.zeros(shape, dtype=dtype, device=device)
+            tensor, tensors[j] = tensors[j], None  # released as soon as it is copied (unless shared: `fork`)
+            return tensor
+
+        packed = object.__new__(cls)
+        packed.num_layers, packed.length, packed.max_length = config.num_layers, first.length, first.max_length
+        packed.static, packed.slots = False, first.slots
+        packed.keys = [torch.cat([take(c, c.keys, j) for c in caches]) for j in range(config.num_layers)]
+        packed.values = [torch.cat([take(c, c.values, j) for c in caches]) for j in range(config.num_layers)]
+        packed.key_valid = torch.cat([c.key_valid for c in caches])
+        packed.next_position = torch.cat([c.next_position for c in caches])
         for cache in caches:
-            rows = slice(row, row + cache.key_valid.shape[0])
-            for j in range(cache.num_layers):
-                packed.keys[j][rows], packed.values[j][rows] = cache.keys[j], cache.values[j]
-            packed.key_valid[rows], packed.next_position[rows] = cache.key_valid, cache.next_position
-            row = rows.stop
-        packed.length = first.length
+            cache.keys, cache.values, cache.num_layers = [], [], 0
         return packed
 
-    def layer(self, layer: int) -> LayerCache | None:
-        """Layer `layer`'s view of the cache (None above the layers this cache holds)."""
-        return LayerCache(self, layer) if layer < self.num_layers else None
+    def layer(self, layer: int, rows: slice | None = None) -> LayerCache | None:
+        """Layer `layer`'s view of the cache (None above the layers this cache holds); of a range of the batch's
+        sequences only, with rows (packed runs: `minillm.packed`)."""
+        return LayerCache(self, layer, rows) if layer < self.num_layers else None
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these sequences of the batch (in this order): generation drops finished ones. Every layer
@@ -251,10 +260,11 @@ class LayerCache:
 
     cache: KVCache
     layer: int
+    rows: slice | None = None  # a range of the batch's sequences (None: all)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the newest tokens' keys/values; return every key/value this layer holds (see `KVCache.store`)."""
-        return self.cache.store(self.layer, keys, values)
+        return self.cache.store(self.layer, keys, values, self.rows)
 
 
 # ----------------------------------------------------------------------------- attention and MLP

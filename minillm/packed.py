@@ -15,13 +15,17 @@ the row's k (see `Transformer.forward` and docs/manipulations.md, "Generation: f
     swap, none      a plain pass (swap changes only prompt positions)
 
 Rows with k = L (the baseline, swap) are plain in every kind's pack. Variants (spare_first, window, fresh
-noise) are not packed: their runs decode on their own.
+noise), and kinds not in the table, are not packed: their runs decode on their own (`in_packs` leaves them
+alone, and `PackedRuns.of` refuses them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -29,24 +33,49 @@ from minillm.errors import ManipulationError
 from minillm.manipulation import Manipulation, random_directions
 from minillm.model import KVCache, Transformer, norm_matched
 
-# What a cached decode step does beyond a plain pass, per kind (the table above); swap does nothing more.
+# The kinds whose cached decode step `PackedRuns.decode_step` does per row (the table above), and those whose
+# decode step is a plain pass (they change prompt positions only).
 PACKED_KINDS = ("random", "freeze", "skip_attention")
+PLAIN_DECODE_KINDS = ("swap",)
+# The default bound of a pack: its runs' KV caches hold this many token slots in all (rows x positions), which
+# is 1.5 GiB for SmolLM2-135M in fp32 and 16 GiB for a 7B model in bf16.
+PACK_TOKENS = 32768
+
+Run = TypeVar("Run")
+
+
+def in_packs(runs: Sequence[Run], kind_of: Callable[[Run], str], tokens_each: int, pack_tokens: int) -> list[list[Run]]:
+    """The runs in order, consecutive runs of one kind together, as many as keep their caches (tokens_each token
+    slots per run: rows x positions) within pack_tokens; one run at least, and runs of a kind that cannot be
+    packed (or of no kind: the baseline) alone."""
+    packs = []
+    for kind, group in itertools.groupby(runs, key=kind_of):
+        group = list(group)
+        size = max(1, pack_tokens // tokens_each) if kind in PACKED_KINDS + PLAIN_DECODE_KINDS else 1
+        packs += [group[start:start + size] for start in range(0, len(group), size)]
+    return packs
 
 
 @dataclass(frozen=True)
 class PackedRuns:
-    """The manipulation of every row of a packed batch: one kind (or none), each row from its own layer k."""
+    """The manipulation of every row of a packed batch: one kind (or none), each row from its own layer k.
+
+    Rows are in order of k, so at any layer j the rows manipulated there (k <= j) come first, and a step
+    touches them as one slice of the batch, the cache included: no row is computed for nothing."""
 
     kind: str | None  # one of PACKED_KINDS, or None: every row decodes plainly
-    layers: torch.Tensor  # [B] long: each row's k (L: the row is not manipulated in a decode step)
+    layers: tuple[int, ...]  # each row's k, ascending (L: the row is not manipulated in a decode step)
     seeds: torch.Tensor  # [B] long: random's seed of each row
     distinct_seeds: tuple[int, ...]  # the values in seeds (kept on the host: no read-back per step)
-    lowest: int  # the smallest k of any row: layers below it are plain for every row
+
+    def __post_init__(self):
+        if list(self.layers) != sorted(self.layers):
+            raise ValueError("PackedRuns: rows must come in order of their layer k")
 
     @classmethod
     def of(cls, manipulations: Sequence[Manipulation | None], rows_each: int, num_layers: int,
            device: torch.device | str = "cpu") -> PackedRuns:
-        """The rows of these runs, one after another, `rows_each` rows per run."""
+        """The rows of these runs, one after another, `rows_each` rows per run (runs in order of their k)."""
         kinds = set()
         for manipulation in manipulations:
             if manipulation is None:
@@ -56,23 +85,29 @@ class PackedRuns:
                                         "packed with other runs: generate it on its own")
             if manipulation.kind in PACKED_KINDS:
                 kinds.add(manipulation.kind)
+            elif manipulation.kind not in PLAIN_DECODE_KINDS:
+                raise ManipulationError(f"{manipulation.kind} has no packed decode step (minillm/packed.py): "
+                                        "generate it on its own")
         if len(kinds) > 1:
             raise ManipulationError(f"runs packed in one batch must share one kind of manipulation, got "
                                     f"{', '.join(sorted(kinds))}")
         kind = kinds.pop() if kinds else None
-        # swap's decode steps are plain: its rows count as k = L
-        layers = [m.layer if m is not None and m.kind == kind else num_layers for m in manipulations]
         seeds = [m.seed if m is not None else 0 for m in manipulations]
-        per_row = lambda values: torch.tensor(values, device=device).repeat_interleave(rows_each)  # noqa: E731
-        return cls(kind, per_row(layers), per_row(seeds), tuple(sorted(set(seeds))), min(layers))
+        return cls(kind, tuple(k for k in decode_layers(manipulations, num_layers) for _ in range(rows_each)),
+                   torch.tensor(seeds, device=device).repeat_interleave(rows_each), tuple(sorted(set(seeds))))
 
     def for_rows(self, rows: torch.Tensor) -> PackedRuns:
-        """The same runs for these rows of the batch only (generation drops finished rows)."""
-        rows = rows.to(self.layers.device)
-        return PackedRuns(self.kind, self.layers[rows], self.seeds[rows], self.distinct_seeds, self.lowest)
+        """The same runs for these rows of the batch only, in the same order (generation drops finished rows)."""
+        kept = rows.tolist()  # once per drop, not per step
+        return PackedRuns(self.kind, tuple(self.layers[i] for i in kept), self.seeds[rows.to(self.seeds.device)],
+                          self.distinct_seeds)
 
     def at_step(self, step: int) -> PackedRuns:
         return self  # the noise of a position never changes (no fresh noise in a pack)
+
+    def rows_from(self, layer: int) -> int:
+        """How many rows are manipulated at this layer (k <= layer): the first ones."""
+        return bisect.bisect_right(self.layers, layer)
 
     def noise(self, positions: torch.Tensor, model: Transformer) -> torch.Tensor:
         """random: each row's Gaussian direction [B, 1, D] for its newest position (positions [B, 1])."""
@@ -85,40 +120,48 @@ class PackedRuns:
 
     def decode_step(self, model: Transformer, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
         """Append token [B] to every row; return the next logits [B, V] (fp32). Each row gets exactly what its
-        own run's cached decode step would give it (up to the rounding of a bigger batch)."""
+        own run's cached decode step would give it (up to the rounding of another batch)."""
         x = model.embed_tokens(token[:, None])  # H[0] [B, 1, D]
         newest = torch.ones_like(token, dtype=torch.bool)[:, None]  # [B, 1]: one real token per row
         positions, mask = model.positions_and_mask(newest, cache)
         rope = model.rotary(positions, x.dtype)
         cache.append(newest)
-        k = self.layers[:, None, None]  # [B, 1, 1]
         noise = self.noise(positions, model) if self.kind == "random" else None
-        frozen = repassed = x
+        frozen = repassed = x[:0]
         for j, layer in enumerate(model.layers):
-            layer_cache = cache.layer(j)
-            if self.kind == "skip_attention":  # rows from their k on: no attention, the MLP still runs
-                attended = torch.where(k <= j, x, x + layer.self_attn(layer.input_layernorm(x), rope, mask,
-                                                                      layer_cache))
+            n = self.rows_from(j)  # rows [0, n) are manipulated at this layer
+            if self.kind == "skip_attention":  # rows from their k on: no input norm, no attention; the MLP runs
+                later = slice(n, None)
+                attended = x[later] + layer.self_attn(layer.input_layernorm(x[later]), *rows_of(rope, mask, later),
+                                                      cache.layer(j, later))
+                attended = torch.cat([x[:n], attended])
                 out = attended + layer.mlp(layer.post_attention_layernorm(attended))
             else:
-                out = layer(x, rope, mask, layer_cache)
-            if self.kind == "random" and j >= self.lowest:
-                # The re-pass of the newest token as noise from its row's k; rows below their k go through the
-                # layer as the plain pass did (the same keys/values written again).
-                repassed = torch.where(k == j, norm_matched(noise, x), torch.where(k < j, repassed, x))
-                repassed = layer(repassed, rope, mask, layer_cache)
+                out = layer(x, rope, mask, cache.layer(j))
+            manipulated = slice(0, n)
+            if self.kind == "random" and n:
+                # The newest token's cached keys/values from its row's k up are those of its noise, carried
+                # through the layers (`Transformer.recache_newest_as_noise`): rows reaching k here join.
+                joining = slice(repassed.shape[0], n)
+                repassed = torch.cat([repassed, norm_matched(noise[joining], x[joining])])
+                repassed = layer(repassed, *rows_of(rope, mask, manipulated), cache.layer(j, manipulated))
             if self.kind == "freeze":
-                frozen = torch.where(k == j + 1, x, frozen)  # H[k-1]: what the newest token keeps from layer k on
-                if j >= self.lowest:
-                    cache_as_frozen(layer, layer_cache, frozen, rope, k <= j)
+                # From its row's k up, the newest token's cached keys/values are those of its H[k-1]
+                # (`Block._cache_newest_as_frozen`); rows not yet at k keep H[j] for now.
+                if n:
+                    _, keys, values = layer.self_attn.project(layer.input_layernorm(frozen[:n]),
+                                                              rows_of(rope, mask, manipulated)[0], with_queries=False)
+                    cache.layer(j, manipulated).update(keys, values)
+                frozen = torch.cat([frozen[:n], x[n:]])
             x = out
         return model.lm_head(model.norm(x))[:, -1].float()
 
 
-def cache_as_frozen(layer, layer_cache, frozen: torch.Tensor, rope, rows: torch.Tensor) -> None:
-    """freeze: in these rows [B, 1, 1] (bool), the newest token's keys/values at this layer become those of its
-    frozen state [B, 1, D]; the other rows keep what the plain pass stored."""
-    _, keys, values = layer.self_attn.project(layer.input_layernorm(frozen), rope, with_queries=False)
-    stored_keys, stored_values = layer_cache.cache.newest(layer_cache.layer)
-    rows = rows[:, :, :, None]  # [B, 1, 1, 1] against [B, kv_heads, 1, head_dim]
-    layer_cache.update(torch.where(rows, keys, stored_keys), torch.where(rows, values, stored_values))
+def decode_layers(manipulations: Sequence[Manipulation | None], num_layers: int) -> list[int]:
+    """The k of each run's decode steps: its layer, or L for the baseline and swap (their steps are plain)."""
+    return [num_layers if m is None or m.kind in PLAIN_DECODE_KINDS else m.layer for m in manipulations]
+
+
+def rows_of(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, rows: slice):
+    """The rotation tables and the attention mask of a range of the batch's rows."""
+    return tuple(table[rows] for table in rope), None if mask is None else mask[rows]

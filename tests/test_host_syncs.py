@@ -11,7 +11,8 @@ also counts ops):
 - ATen ops, with a TorchDispatchMode: `_local_scalar_dense` (behind `.item()` and `bool()`), and the
   ops with a data-dependent output size (nonzero, unique, indexing with a boolean mask).
 
-Agreed budget: 0 in the forward of a decode step, for every kind; 1 per step of `generate_tokens` (the
+Agreed budget: 0 in the forward of a decode step, for every kind, and in a packed decode step (`minillm.packed`);
+1 per step of `generate_tokens` (the
 chosen tokens, read once for the stop checks and the caller's `on_token`).
 """
 
@@ -23,9 +24,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.config import ModelConfig
-from minillm.generate import generate_tokens, new_cache
+from minillm.generate import PromptStates, generate_tokens, new_cache, start
 from minillm.manipulation import KINDS, Manipulation
-from minillm.model import Transformer
+from minillm.model import KVCache, Transformer
+from minillm.packed import PACKED_KINDS, PackedRuns
 
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # different lengths: left padding is exercised
@@ -122,3 +124,16 @@ def test_a_forward_with_a_given_mask_checks_it_once(model):
     ids = torch.tensor([[0, 5, 6], [1, 2, 3]])
     assert host_reads(lambda: model(ids, ids > 0)) == Counter({".__bool__()": 1, "_local_scalar_dense": 1})
     assert host_reads(lambda: model(ids)) == Counter()
+
+
+@pytest.mark.parametrize("kind", PACKED_KINDS)
+def test_a_packed_decode_step_reads_nothing_back(model, kind):
+    manipulations = [Manipulation(kind, 1), Manipulation(kind, K), None]
+    states = PromptStates.compute(model, PROMPTS, 4)
+    runs = [start(model, PROMPTS, 4, pad_id=0, manipulation=manipulation, mode="cached", prompt_states=states,
+                  efficient=True)[0] for manipulation in manipulations]
+    cache = KVCache.concatenate([run.cache for run in runs], model.config, torch.float32, "cpu")
+    packed = PackedRuns.of(manipulations, len(PROMPTS), LAYERS)
+    token = torch.tensor([9, 8] * len(manipulations))
+    packed.decode_step(model, cache, token)  # the first use of a seed makes its noise table
+    assert host_reads(lambda: packed.decode_step(model, cache, token)) == Counter()

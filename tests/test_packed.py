@@ -11,7 +11,9 @@ import torch
 
 from minillm.errors import ManipulationError
 from minillm.generate import PromptStates, generate_packed, generate_tokens
-from minillm.manipulation import Manipulation
+from minillm.manipulation import KIND_FACTS, KindFacts, Manipulation
+from minillm.model import KVCache
+from minillm.packed import PackedRuns, in_packs
 
 from tiny_checkpoint import tiny_model
 
@@ -102,3 +104,31 @@ def test_runs_that_cannot_be_packed_are_refused_by_name(manipulations, message):
     prompts = prompts_of((5, 6))
     with pytest.raises(ManipulationError, match=message):
         generate_packed(model, prompts, 3, manipulations, PromptStates.compute(model, prompts, 3))
+
+
+def test_packs_hold_consecutive_runs_of_one_kind_within_the_token_budget(monkeypatch):
+    kinds = ["baseline", "random", "random", "random", "random", "random", "freeze", "zero", "zero"]
+    packs = in_packs(kinds, lambda kind: kind, tokens_each=10, pack_tokens=25)
+    assert packs == [["baseline"], ["random", "random"], ["random", "random"], ["random"], ["freeze"], ["zero"],
+                     ["zero"]]  # 2 runs of 10 slots fit in 25; a kind without a packed decode step goes alone
+    assert in_packs(kinds, lambda kind: kind, tokens_each=10, pack_tokens=1)[1:3] == [["random"], ["random"]]
+    monkeypatch.setitem(KIND_FACTS, "zero", KindFacts())
+    with pytest.raises(ManipulationError, match="zero has no packed decode step"):
+        PackedRuns.of([Manipulation("zero", 0), Manipulation("zero", 1)], 2, 3)
+
+
+def test_concatenated_caches_hold_each_cache_in_its_rows_and_zeros_where_one_held_no_layer():
+    config = tiny_model().config
+    full, lower = KVCache(config, 2, 9), KVCache(config, 1, 9, num_layers=1)  # lower: efficient skip_attention at k=1
+    for cache in (full, lower):
+        cache.append(torch.tensor([[False, True, True]] * cache.key_valid.shape[0]))
+        for tensor in cache.keys + cache.values:
+            tensor.normal_()
+    expected_keys, expected_valid = [t.clone() for t in full.keys] + [lower.keys[0].clone()], full.key_valid.clone()
+    packed = KVCache.concatenate([full, lower], config, torch.float32, "cpu")
+    assert (packed.num_layers, packed.length, packed.max_length) == (3, 3, 9)
+    for j in range(3):
+        assert torch.equal(packed.keys[j][:2], expected_keys[j])
+    assert torch.equal(packed.keys[0][2:], expected_keys[3]) and not packed.keys[1][2:].any()
+    assert torch.equal(packed.key_valid[:2], expected_valid) and packed.next_position.tolist() == [2, 2, 2]
+    assert full.keys == [] and lower.values == []  # their layers moved into the packed cache: not held twice

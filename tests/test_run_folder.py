@@ -419,7 +419,10 @@ def test_batch_size_auto_sizes_the_batch_from_the_memory_budget(tiny_dir, tmp_pa
         monkeypatch.setattr(memory, "memory_budget", lambda device, fits=fits: int(fits * each / 0.8))
         assert main(argv + ["--out", str(tmp_path / str(expected))]) == 0
         assert f"--batch-size auto: {expected}\n" in capsys.readouterr().err
-    assert json.loads((tmp_path / "3" / "run.json").read_text())["sweep"]["batch_size"] == 3
+    manifest = json.loads((tmp_path / "3" / "run.json").read_text())["sweep"]
+    assert manifest["batch_size"] == 3
+    # packed conditions hold their caches at once: no more cache slots than the batch that fits
+    assert manifest["pack_tokens"] == 3 * (longest + task.max_new_tokens)
     # the batch size is part of the run (other shapes round differently): resuming with another is refused
     monkeypatch.setattr(memory, "memory_budget", lambda device: int(1.2 * each / 0.8))
     assert main(argv + ["--out", str(tmp_path / "3")]) == 2

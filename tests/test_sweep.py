@@ -20,6 +20,7 @@ from evals.swap import SwapRates
 from evals.sweep import LayerGrid, Shard, run_sweep
 from evals.tasks import TASKS, evenly_spaced, get_task
 from minillm.checkpoint import load_model
+from minillm.packed import PACK_TOKENS
 from minillm.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,16 +113,16 @@ def test_shards_together_equal_one_unsharded_run(tiny, tmp_path):
 
 def test_conditions_decoded_together_give_the_answers_each_gives_alone(tiny, tmp_path):
     packed = [json.loads(line) for line in lines(small_sweep(tiny, tmp_path / "packed"))]
-    alone = [json.loads(line) for line in lines(small_sweep(tiny, tmp_path / "alone", pack_rows=1))]
+    alone = [json.loads(line) for line in lines(small_sweep(tiny, tmp_path / "alone", pack_tokens=1))]
     assert [(r["task"], r["example"], r["kind"], r["k"], r["seed"], r["generation"]) for r in packed] == [
         (r["task"], r["example"], r["kind"], r["k"], r["seed"], r["generation"]) for r in alone]
     assert len({r["generation"] for r in packed if r["kind"] == "random"}) > 3  # the conditions do differ
-    assert json.loads((tmp_path / "packed" / "run.json").read_text())["sweep"]["pack_rows"] == 64
+    assert json.loads((tmp_path / "packed" / "run.json").read_text())["sweep"]["pack_tokens"] == PACK_TOKENS
     # how rows are packed is part of the run (other batches round differently): resuming with another is refused
-    with pytest.raises(SweepError, match=r"holds results for rows decoded together \(--pack-rows\) 1, this run has 64"):
+    with pytest.raises(SweepError, match=rf"holds results for cache slots decoded together \(--pack-tokens\) 1, this run has {PACK_TOKENS}"):
         small_sweep(tiny, tmp_path / "alone")
-    with pytest.raises(SweepError, match="--pack-rows must be at least 1, got 0"):
-        small_sweep(tiny, tmp_path / "zero", pack_rows=0)
+    with pytest.raises(SweepError, match="--pack-tokens must be at least 1, got 0"):
+        small_sweep(tiny, tmp_path / "zero", pack_tokens=0)
 
 
 def test_a_directory_of_another_model_is_refused(tiny, tmp_path):
@@ -164,6 +165,7 @@ def test_cli_sweep_swap_and_report_end_to_end(tiny_dir, tmp_path, capsys):
     (["--limit", "0"], "argument --limit: must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["--pack-tokens", "0"], "argument --pack-tokens: must be at least 1"),
 ])
 def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, arguments, message):
     out = tmp_path / "run"
