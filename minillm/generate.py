@@ -16,7 +16,8 @@ Sweeps can also share the prompts' unmanipulated pass (`PromptStates`): layers b
 k are the same for every manipulation at k, so each manipulated run starts at layer k.
 A generation is three steps: `start` (a fresh pass over the prompts, or one from shared
 prompt states), `decode_step` (one token more), and `drop_finished` (rows that are done
-leave the batch).
+leave the batch). `generate_packed` starts several runs of one manipulation at different
+k and decodes them together in one batch (`minillm.packed`).
 """
 
 from __future__ import annotations
@@ -192,11 +193,11 @@ def generate_packed(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
 
     Each run's first pass starts from the shared `prompt_states` on its own, as in `generate_tokens`; then all
     runs decode together in one batch (`minillm.packed`), which costs little more per step than one run's.
-    Memory: every run's KV cache at once, and a copy of all of them side by side while the batch is packed.
+    Memory: every run's KV cache at once (moved into one packed cache, never held twice).
     """
     config = model.config
-    check_generation(config, prompts, max_new_tokens, pad_id=pad_id, eos_ids=eos_ids)
-    for manipulation in manipulations:
+    for manipulation in manipulations or [None]:
+        check_generation(config, prompts, max_new_tokens, pad_id=pad_id, eos_ids=eos_ids, manipulation=manipulation)
         if manipulation is not None:
             manipulation.check(config.num_layers, config.hidden_size, [len(p) for p in prompts])
     weight = model.embed_tokens.weight
@@ -279,14 +280,14 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
 def decode_step(model: Transformer, batch: Batch, token: torch.Tensor, efficient: bool = False,
                 compile: bool = False) -> torch.Tensor:
     """Append token [B] to every sequence of the batch; return the next last-position logits [B, V] (fp32)."""
+    if isinstance(batch.manipulation, PackedRuns):  # several runs' rows, each from its own k
+        return batch.manipulation.decode_step(model, batch.cache, token)
     if batch.cache is None:  # faithful: rerun everything, the new token appended
         batch.input_ids = torch.cat([batch.input_ids, token[:, None]], dim=1)
         batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)[:, None]], dim=1)
         step_input, step_mask = batch.input_ids, batch.attention_mask
     else:  # one new token per sequence: no padding among them (the cache knows the earlier ones')
         step_input, step_mask = token[:, None], None
-    if isinstance(batch.manipulation, PackedRuns):  # several runs' rows, each from its own k
-        return batch.manipulation.decode_step(model, batch.cache, token)
     if compile:  # a new step: CUDA graphs may overwrite the previous step's outputs, which nothing reads again
         torch.compiler.cudagraph_mark_step_begin()
     logits = model(step_input, step_mask, cache=batch.cache, manipulation=batch.manipulation, last_logits_only=True,

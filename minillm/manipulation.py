@@ -21,8 +21,9 @@ sequence's first n positions alone (position 0 is the attention sink of a model 
 random (fresh noise at every generation step, faithful mode only).
 
 What the rest of the code needs to know about a kind is in `KIND_FACTS`, and
-nowhere else: outside this file and the visible lines of `Block.manipulate`, no
-code compares kind names.
+nowhere else: outside this file and the visible lines of `Block.manipulate` (and
+of the packed decode step, `minillm.packed.PackedRuns.decode_step`), no code
+compares kind names.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ class KindFacts:
     cache_below_k_only: bool = False
     spares: bool = False  # accepts spare_first (swap names its positions itself)
     windowed: bool = False  # accepts a window of layers (random and swap act at layer k only)
+    plain_decode: bool = False  # its cached decode steps are plain passes (swap acts on prompt positions only)
 
 
 KIND_FACTS = {
     "random": KindFacts(seeded=True, spares=True),
     "freeze": KindFacts(lowest_layer=1, spares=True, windowed=True),
-    "swap": KindFacts(donor=True),
+    "swap": KindFacts(donor=True, plain_decode=True),
     "skip_attention": KindFacts(cache_below_k_only=True, spares=True, windowed=True),
 }
 

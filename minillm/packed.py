@@ -30,13 +30,12 @@ from typing import TypeVar
 import torch
 
 from minillm.errors import ManipulationError
-from minillm.manipulation import Manipulation, random_directions
+from minillm.manipulation import KIND_FACTS, Manipulation, random_directions
 from minillm.model import KVCache, Transformer, norm_matched
 
-# The kinds whose cached decode step `PackedRuns.decode_step` does per row (the table above), and those whose
-# decode step is a plain pass (they change prompt positions only).
+# The kinds whose cached decode step `PackedRuns.decode_step` does per row (the table above). Kinds whose decode
+# steps are plain passes (`KindFacts.plain_decode`: swap) pack with any of them.
 PACKED_KINDS = ("random", "freeze", "skip_attention")
-PLAIN_DECODE_KINDS = ("swap",)
 # The default bound of a pack: its runs' KV caches hold this many token slots in all (rows x positions), which
 # is 1.5 GiB for SmolLM2-135M in fp32 and 16 GiB for a 7B model in bf16.
 PACK_TOKENS = 32768
@@ -51,7 +50,7 @@ def in_packs(runs: Sequence[Run], kind_of: Callable[[Run], str], tokens_each: in
     packs = []
     for kind, group in itertools.groupby(runs, key=kind_of):
         group = list(group)
-        size = max(1, pack_tokens // tokens_each) if kind in PACKED_KINDS + PLAIN_DECODE_KINDS else 1
+        size = max(1, pack_tokens // tokens_each) if kind in PACKED_KINDS or plain_decode(kind) else 1
         packs += [group[start:start + size] for start in range(0, len(group), size)]
     return packs
 
@@ -85,7 +84,7 @@ class PackedRuns:
                                         "packed with other runs: generate it on its own")
             if manipulation.kind in PACKED_KINDS:
                 kinds.add(manipulation.kind)
-            elif manipulation.kind not in PLAIN_DECODE_KINDS:
+            elif not plain_decode(manipulation.kind):
                 raise ManipulationError(f"{manipulation.kind} has no packed decode step (minillm/packed.py): "
                                         "generate it on its own")
         if len(kinds) > 1:
@@ -159,7 +158,11 @@ class PackedRuns:
 
 def decode_layers(manipulations: Sequence[Manipulation | None], num_layers: int) -> list[int]:
     """The k of each run's decode steps: its layer, or L for the baseline and swap (their steps are plain)."""
-    return [num_layers if m is None or m.kind in PLAIN_DECODE_KINDS else m.layer for m in manipulations]
+    return [num_layers if m is None or plain_decode(m.kind) else m.layer for m in manipulations]
+
+
+def plain_decode(kind: str) -> bool:
+    return kind in KIND_FACTS and KIND_FACTS[kind].plain_decode
 
 
 def rows_of(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, rows: slice):
