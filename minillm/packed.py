@@ -63,12 +63,12 @@ class PackedRuns:
     touches them as one slice of the batch, the cache included: no row is computed for nothing."""
 
     kind: str | None  # one of PACKED_KINDS, or None: every row decodes plainly
-    layers: tuple[int, ...]  # each row's k, ascending (L: the row is not manipulated in a decode step)
+    row_k: tuple[int, ...]  # each row's k, ascending (L: the row is not manipulated in a decode step)
     seeds: torch.Tensor  # [B] long: random's seed of each row
     distinct_seeds: tuple[int, ...]  # the values in seeds (kept on the host: no read-back per step)
 
     def __post_init__(self):
-        if list(self.layers) != sorted(self.layers):
+        if list(self.row_k) != sorted(self.row_k):
             raise ValueError("PackedRuns: rows must come in order of their layer k")
 
     @classmethod
@@ -98,7 +98,7 @@ class PackedRuns:
     def for_rows(self, rows: torch.Tensor) -> PackedRuns:
         """The same runs for these rows of the batch only, in the same order (generation drops finished rows)."""
         kept = rows.tolist()  # once per drop, not per step
-        return PackedRuns(self.kind, tuple(self.layers[i] for i in kept), self.seeds[rows.to(self.seeds.device)],
+        return PackedRuns(self.kind, tuple(self.row_k[i] for i in kept), self.seeds[rows.to(self.seeds.device)],
                           self.distinct_seeds)
 
     def at_step(self, step: int) -> PackedRuns:
@@ -106,7 +106,7 @@ class PackedRuns:
 
     def rows_from(self, layer: int) -> int:
         """How many rows are manipulated at this layer (k <= layer): the first ones."""
-        return bisect.bisect_right(self.layers, layer)
+        return bisect.bisect_right(self.row_k, layer)
 
     def noise(self, positions: torch.Tensor, model: Transformer) -> torch.Tensor:
         """random: each row's Gaussian direction [B, 1, D] for its newest position (positions [B, 1])."""
@@ -130,10 +130,10 @@ class PackedRuns:
         for j, layer in enumerate(model.layers):
             n = self.rows_from(j)  # rows [0, n) are manipulated at this layer
             if self.kind == "skip_attention":  # rows from their k on: no input norm, no attention; the MLP runs
-                later = slice(n, None)
-                attended = x[later] + layer.self_attn(layer.input_layernorm(x[later]), *rows_of(rope, mask, later),
-                                                      cache.layer(j, later))
-                attended = torch.cat([x[:n], attended])
+                attended, later = x, slice(n, None)
+                if n < len(self.row_k):  # (when every row skips here, no attention runs)
+                    attended = torch.cat([x[:n], x[later] + layer.self_attn(
+                        layer.input_layernorm(x[later]), *rows_of(rope, mask, later), cache.layer(j, later))])
                 out = attended + layer.mlp(layer.post_attention_layernorm(attended))
             else:
                 out = layer(x, rope, mask, cache.layer(j))

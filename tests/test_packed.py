@@ -72,6 +72,12 @@ def test_packed_runs_equal_each_run_decoded_alone(kind, sliding_window):
     assert all((one.logits[:, 1:] - baseline[:, 1:]).abs().max() > 0.1 for one in manipulated)
 
 
+def test_a_pack_whose_rows_all_skip_attention_from_some_layer_on_equals_each_run_alone():
+    model = tiny_model()
+    manipulations = [Manipulation("skip_attention", 1), Manipulation("skip_attention", 0)]  # as a sweep packs them
+    assert_same_runs(*each_alone_and_packed(model, prompts_of((7, 11, 9)), manipulations))
+
+
 def test_rows_that_stop_early_leave_the_packed_batch_and_the_others_are_unchanged():
     model = tiny_model()
     prompts = prompts_of((7, 11, 9, 5, 8, 6))
