@@ -167,8 +167,7 @@ def load_tasks(limits: dict[str, int], tokenizer) -> list[TaskData]:
 
 def packs(cells: list[Cell], data: TaskData, pack_tokens: int) -> list[list[Cell]]:
     """Consecutive cells of one manipulation together, as `minillm sweep` packs them."""
-    cache_slots = len(data.prompts) * (max(map(len, data.prompts)) + data.task.max_new_tokens)
-    return in_packs(cells, lambda cell: cell.kind, cache_slots, pack_tokens)
+    return in_packs(cells, lambda cell: cell.kind, data.prompts, data.task.max_new_tokens, pack_tokens)
 
 
 def grid(task: str, kinds: list[str], layers: list[int], num_layers: int) -> list[Cell]:

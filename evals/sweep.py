@@ -341,8 +341,8 @@ Unit = tuple[Batch, tuple[Condition, ...]]  # a batch under conditions of one ki
 def packed_units(batch: Batch, runs: Sequence[Condition], pack_tokens: int) -> list[Unit]:
     """The batch under each condition in order: consecutive conditions of one kind together in one unit, as many
     as keep their caches within pack_tokens token slots (`minillm.packed.in_packs`)."""
-    cache_slots = len(batch.examples) * (max(map(len, batch.prompts)) + batch.task.max_new_tokens)
-    return [(batch, tuple(pack)) for pack in in_packs(runs, lambda condition: condition.kind, cache_slots, pack_tokens)]
+    packs = in_packs(runs, lambda condition: condition.kind, batch.prompts, batch.task.max_new_tokens, pack_tokens)
+    return [(batch, tuple(pack)) for pack in packs]
 
 
 def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds: Sequence[str], grid: LayerGrid,
@@ -368,13 +368,6 @@ def plan(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], kinds:
 def work(batch: Batch, indices: Iterable[int]) -> int:
     """Tokens that generating these examples of the batch may process: a rough measure of its cost."""
     return sum(len(batch.prompts[index]) + batch.task.max_new_tokens for index in indices)
-
-
-def unit_work(unit: Unit, log: ResultLog | None = None) -> int:
-    """`work` of a unit's examples under all its conditions (with a log: those it does not hold yet)."""
-    batch, runs = unit
-    return sum(work(batch, range(len(batch.examples)) if log is None else missing(log, batch, condition))
-               for condition in runs)
 
 
 def missing(log: ResultLog, batch: Batch, condition: Condition) -> list[int]:
@@ -422,16 +415,16 @@ def run_sweep(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[Task], k
 def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[Unit], log: ResultLog, model_name: str,
             progress: bool) -> SweepResult:
     """Generate the records of every unit that the log does not hold yet; return all the units' records."""
+    todo = [(batch, runs, [missing(log, batch, condition) for condition in runs]) for batch, runs in units]
     # Progress in tokens (prompt + answer budget), a fair measure of cost across tasks, so the ETA holds.
-    total = sum(unit_work(unit) for unit in units)
-    remaining = sum(unit_work(unit, log) for unit in units)
+    total = sum(len(runs) * work(batch, range(len(batch.examples))) for batch, runs in units)
+    remaining = sum(work(batch, indices) for batch, _, missings in todo for indices in missings)
     prompt_states, states_batch = None, None
     try:
         with tqdm(total=total, initial=total - remaining, unit="tok", unit_scale=True, desc="sweep",
                   file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-            for batch, runs in units:
-                todo = [missing(log, batch, condition) for condition in runs]
-                if not any(todo):
+            for batch, runs, missings in todo:
+                if not any(missings):
                     continue
                 if states_batch is not batch:  # units come batch by batch: one unmanipulated pass per batch
                     prompt_states = None  # free the previous batch's states (H and cache) before the next pass
@@ -440,13 +433,13 @@ def execute(model: Transformer, tokenizer: Tokenizer, units: Sequence[Unit], log
                 bar.set_description(f"{batch.task.name} {runs[0].kind} k={layers}")
                 manipulations = [condition.manipulation() for condition in runs]
                 answers = generate_answers(model, tokenizer, batch, manipulations, prompt_states)
-                for condition, manipulation, generations, indices in zip(runs, manipulations, answers, todo,
+                for condition, manipulation, generations, indices in zip(runs, manipulations, answers, missings,
                                                                           strict=True):
                     for index in indices:
                         log.write(make_record(batch, index, condition, manipulation, generations[index], model,
                                               model_name))
                 log.flush()
-                bar.update(sum(work(batch, indices) for indices in todo))
+                bar.update(sum(work(batch, indices) for indices in missings))
     finally:
         log.close()
     records = [log.done[condition.key(batch.task.name, example.id)] for batch, runs in units for condition in runs

@@ -43,14 +43,16 @@ PACK_TOKENS = 32768
 Run = TypeVar("Run")
 
 
-def in_packs(runs: Sequence[Run], kind_of: Callable[[Run], str], tokens_each: int, pack_tokens: int) -> list[list[Run]]:
-    """The runs in order, consecutive runs of one kind together, as many as keep their caches (tokens_each token
-    slots per run: rows x positions) within pack_tokens; one run at least, and runs of a kind that cannot be
-    packed (or of no kind: the baseline) alone."""
+def in_packs(runs: Sequence[Run], kind_of: Callable[[Run], str], prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, pack_tokens: int) -> list[list[Run]]:
+    """The runs over these prompts in order, consecutive runs of one kind together, as many as keep their caches
+    within pack_tokens token slots (a run's cache: rows x (longest prompt + max_new_tokens) slots); one run at
+    least, and runs of a kind that cannot be packed (or of no kind: the baseline) alone."""
+    cache_slots = len(prompts) * (max(map(len, prompts)) + max_new_tokens)
     packs = []
     for kind, group in itertools.groupby(runs, key=kind_of):
         group = list(group)
-        size = max(1, pack_tokens // tokens_each) if kind in PACKED_KINDS or plain_decode(kind) else 1
+        size = max(1, pack_tokens // cache_slots) if kind in PACKED_KINDS or plain_decode(kind) else 1
         packs += [group[start:start + size] for start in range(0, len(group), size)]
     return packs
 

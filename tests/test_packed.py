@@ -114,10 +114,11 @@ def test_runs_that_cannot_be_packed_are_refused_by_name(manipulations, message):
 
 def test_packs_hold_consecutive_runs_of_one_kind_within_the_token_budget(monkeypatch):
     kinds = ["baseline", "random", "random", "random", "random", "random", "freeze", "zero", "zero"]
-    packs = in_packs(kinds, lambda kind: kind, tokens_each=10, pack_tokens=25)
+    prompts = [[5, 6, 7], [5, 6, 7, 8]]  # a run's cache: 2 rows x (4 + 1) = 10 slots
+    packs = in_packs(kinds, lambda kind: kind, prompts, max_new_tokens=1, pack_tokens=25)
     assert packs == [["baseline"], ["random", "random"], ["random", "random"], ["random"], ["freeze"], ["zero"],
                      ["zero"]]  # 2 runs of 10 slots fit in 25; a kind without a packed decode step goes alone
-    assert in_packs(kinds, lambda kind: kind, tokens_each=10, pack_tokens=1)[1:3] == [["random"], ["random"]]
+    assert in_packs(kinds, lambda kind: kind, prompts, max_new_tokens=1, pack_tokens=1)[1:3] == [["random"], ["random"]]
     monkeypatch.setitem(KIND_FACTS, "zero", KindFacts())
     with pytest.raises(ManipulationError, match="zero has no packed decode step"):
         PackedRuns.of([Manipulation("zero", 0), Manipulation("zero", 1)], 2, 3)
