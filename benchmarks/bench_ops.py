@@ -49,6 +49,12 @@ Run
     python benchmarks/bench_ops.py --out docs/benchmarks/ops_before.md
     python benchmarks/bench_ops.py --device cuda         # the same counts made on the GPU, and ms per step
     python benchmarks/bench_ops.py --compile --kv-heads 8 --batches 1    # also the compiled step, per kind
+    python benchmarks/bench_ops.py --packed --kinds random,freeze,skip_attention  # also a packed step, per kind
+
+A packed step (`--packed`: `generate_packed`)
+    A sweep decodes the runs of one manipulation at many k together (minillm/packed.py). One run at each
+    k = 2, 4, ..., 30 is packed, as `minillm sweep` packs a sweep over every other layer, and one step of the
+    pack is counted (and timed) against one step of each of those runs decoded on its own.
 
 The compiled step (`--compile`: `generate_tokens(compile=True)`)
     torch.compile cannot run under a dispatch mode, so its step is counted in two parts. The graph: the
@@ -75,9 +81,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.config import ModelConfig
-from minillm.generate import generate_tokens
+from minillm.generate import PromptStates, generate_packed, generate_tokens
 from minillm.manipulation import Manipulation
 from minillm.model import Transformer
+from minillm.packed import PACKED_KINDS
 
 LAYERS, HEADS, K = 32, 32, 16
 HIDDEN, MLP, VOCAB = 256, 688, 1000  # narrow stand-ins for 4096, 11008, 32000
@@ -107,6 +114,9 @@ def parse_args() -> argparse.Namespace:
                         help="the cases of these kinds only, comma-separated (default: all)")
     parser.add_argument("--compile", action="store_true",
                         help="also count (and time) the compiled step of each case: one compile each")
+    parser.add_argument("--packed", action="store_true",
+                        help="also count (and time) a packed decode step of each packed kind: one run at every "
+                             "other k, against those runs' own steps")
     parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
     args = parser.parse_args()
     unknown = set(args.kinds.split(",")) - {case.kind for case in CASES}
@@ -267,6 +277,7 @@ def narrow_7b_model(kv_heads: int, dtype: torch.dtype, device: torch.device) -> 
 class Case:
     kind: str  # "baseline" or a manipulation kind
     efficient: bool = False
+    layer: int = K
 
     @property
     def name(self) -> str:
@@ -276,30 +287,53 @@ class Case:
         if self.kind == "baseline":
             return None
         if self.kind == "swap":
-            return Manipulation("swap", K, positions=(1,), vectors=torch.randn(1, HIDDEN, device=device))
-        return Manipulation(self.kind, K)
+            return Manipulation("swap", self.layer, positions=(1,), vectors=torch.randn(1, HIDDEN, device=device))
+        return Manipulation(self.kind, self.layer)
 
 
 CASES = [Case("baseline"), Case("random"), Case("freeze"), Case("freeze", True), Case("swap"),
          Case("skip_attention"), Case("skip_attention", True)]
 
 
-def decode(model, batch: int, case: Case, new_tokens: int, device: torch.device, compile: bool = False):
-    """`generate_tokens` on fixed prompts; the only place that calls minillm (keep it in step with its API)."""
+def fixed_prompts(batch: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(1)
-    prompts = torch.randint(1, VOCAB, (batch, PROMPT_TOKENS), generator=generator).tolist()
-    manipulation = case.manipulation(device)
+    return torch.randint(1, VOCAB, (batch, PROMPT_TOKENS), generator=generator).tolist()
+
+
+def decode(model, batch: int, case: Case, new_tokens: int, device: torch.device, compile: bool = False):
+    """`generate_tokens` on fixed prompts (this and `decode_packed` are the only calls into minillm's generation:
+    keep them in step with its API)."""
+    prompts, manipulation = fixed_prompts(batch), case.manipulation(device)
     return lambda: generate_tokens(model, prompts, new_tokens, manipulation=manipulation, mode="cached",
                                    efficient=case.efficient, compile=compile)
 
 
-def one_step(model, batch: int, case: Case, device: torch.device) -> tuple[Counts, bool]:
-    """Counts of one decode step, and whether two successive steps counted the same."""
-    decode(model, batch, case, 2, device)()  # warm-up: one-time work (e.g. a seed's noise table) stays out of the counts
-    runs = {n: count(decode(model, batch, case, n, device)) for n in (2, 3, 4)}
+# A pack as a sweep over every other layer makes it: one run at each of these k, decoded together.
+PACKED_LAYERS = tuple(range(2, LAYERS, 2))
+
+
+def decode_packed(model, batch: int, kind: str, new_tokens: int):
+    """`generate_packed` of one run per k in PACKED_LAYERS over fixed prompts, from their prompt states, as
+    `minillm sweep` runs a pack (efficient); the prompt states' pass is the same for every n, so it cancels in a
+    step's difference."""
+    prompts = fixed_prompts(batch)
+    manipulations = [Manipulation(kind, k) for k in PACKED_LAYERS]
+    return lambda: generate_packed(model, prompts, new_tokens, manipulations,
+                                   PromptStates.compute(model, prompts, new_tokens), efficient=True)
+
+
+def step_counts(generation) -> tuple[Counts, bool]:
+    """Counts of one decode step, and whether two successive steps counted the same. `generation(n)` makes the
+    call that generates n new tokens."""
+    generation(2)()  # warm-up: one-time work (e.g. a seed's noise table) stays out of the counts
+    runs = {n: count(generation(n)) for n in (2, 3, 4)}
     step, next_step = runs[3] - runs[2], runs[4] - runs[3]
     return step, (step.ops, step.launching, step.host_reads) == (next_step.ops, next_step.launching,
                                                                  next_step.host_reads)
+
+
+def one_step(model, batch: int, case: Case, device: torch.device) -> tuple[Counts, bool]:
+    return step_counts(lambda n: decode(model, batch, case, n, device))
 
 
 # A kernel call in the `call()` of inductor's code: a fused kernel (C++ or Triton), an extern kernel (matmul)
@@ -326,13 +360,26 @@ def compiled_step(model, batch: int, case: Case, device: torch.device) -> tuple[
     return graph_kernels, outside
 
 
-def ms_per_step(model, batch: int, case: Case, device: torch.device, steps: int, compile: bool = False) -> float:
+def packed_step(model, batch: int, kind: str, device: torch.device, time_steps: int) -> tuple:
+    """A packed step against the same runs' own steps: (packed counts, steady, the runs' kernel-launching ops
+    summed, packed ms, the runs' ms summed)."""
+    packed, steady = step_counts(lambda n: decode_packed(model, batch, kind, n))
+    alone = [Case(kind, efficient=True, layer=k) for k in PACKED_LAYERS]
+    alone_launching = sum(one_step(model, batch, case, device)[0].launching for case in alone)
+    if not time_steps:
+        return packed, steady, alone_launching, None, None
+    packed_ms = ms_per_step(lambda n: decode_packed(model, batch, kind, n), device, time_steps)
+    alone_ms = sum(ms_per_step(lambda n: decode(model, batch, case, n, device), device, time_steps)
+                   for case in alone)
+    return packed, steady, alone_launching, packed_ms, alone_ms
+
+
+def ms_per_step(generation, device: torch.device, steps: int) -> float:
     """(time of 1 + steps new tokens - time of 1 new token) / steps, each the best of two, device synchronized:
-    process CPU time on the CPU (steadier on a shared machine; one thread), wall time on a GPU."""
-    short = decode(model, batch, case, 1, device, compile)
-    long = decode(model, batch, case, 1 + steps, device, compile)
+    process CPU time on the CPU (steadier on a shared machine; one thread), wall time on a GPU. `generation(n)`
+    makes the call that generates n new tokens."""
     times = {}
-    for name, call in (("short", short), ("long", long)):
+    for name, call in (("short", generation(1)), ("long", generation(1 + steps))):
         call()  # warm-up
         best = float("inf")
         for _ in range(2):
@@ -351,25 +398,33 @@ def main() -> None:
     torch.set_grad_enabled(False)
     header = common.machine_header(device)
     print(header)
-    rows, compiled_rows = [], []
+    rows, compiled_rows, packed_rows = [], [], []
     for kv_heads in map(int, args.kv_heads.split(",")):
         for dtype_name in args.dtypes.split(","):
             model = narrow_7b_model(kv_heads, DTYPES[dtype_name], device)
             for case in [case for case in CASES if case.kind in args.kinds.split(",")]:
                 for batch in map(int, args.batches.split(",")):
                     counts, steady = one_step(model, batch, case, device)
-                    ms = ms_per_step(model, batch, case, device, args.time_steps) if args.time_steps else None
+                    ms = (ms_per_step(lambda n: decode(model, batch, case, n, device), device,
+                                      args.time_steps) if args.time_steps else None)
                     rows.append((kv_heads, dtype_name, batch, case, counts, steady, ms))
                     print(row_line(rows[-1]), flush=True)
                     if args.compile:
                         graph_kernels, outside = compiled_step(model, batch, case, device)
-                        compiled_ms = (ms_per_step(model, batch, case, device, args.time_steps, compile=True)
-                                       if args.time_steps else None)
+                        compiled_ms = (ms_per_step(lambda n: decode(model, batch, case, n, device, True),
+                                                   device, args.time_steps) if args.time_steps else None)
                         compiled_rows.append(rows[-1] + (graph_kernels, outside, compiled_ms))
                         print(compiled_row_line(compiled_rows[-1]), flush=True)
+            for kind in [kind for kind in PACKED_KINDS if args.packed and kind in args.kinds.split(",")]:
+                for batch in map(int, args.batches.split(",")):
+                    packed_rows.append((kv_heads, dtype_name, batch, kind)
+                                       + packed_step(model, batch, kind, device, args.time_steps))
+                    print(packed_row_line(packed_rows[-1]), flush=True)
     lines = report(rows, header, args) + ["", common.format_peak_memory(device) + " over the whole run."]
     if compiled_rows:
         lines += compiled_report(compiled_rows)
+    if packed_rows:
+        lines += packed_report(packed_rows)
     print("\n" + "\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +469,31 @@ def compiled_report(rows) -> list[str]:
             "Outside: the step's eager ops (mask, RoPE tables, edits, cache slots, token choice), counted with "
             "the graph replaced by one op.", "",
             COMPILED_HEAD, "|" + "---|" * 4 + "---:|" * 8] + [compiled_row_line(row) for row in rows]
+
+
+PACKED_HEAD = ("| kv heads | dtype | batch per run | kind | rows | packed step: kernel-launching | per run "
+               f"| the {len(PACKED_LAYERS)} runs alone: kernel-launching, all their steps | packed / alone "
+               "| host reads (Python), packed step | packed ms/step | alone ms, all their steps |")
+
+
+def packed_row_line(row) -> str:
+    kv_heads, dtype_name, batch, kind, c, steady, alone_launching, packed_ms, alone_ms = row
+    times = [f"{t:.1f}" if t is not None else "" for t in (packed_ms, alone_ms)]
+    flag = "" if steady else " (steps differ!)"
+    runs = len(PACKED_LAYERS)
+    return (f"| {kv_heads} | {dtype_name} | {batch} | {kind}{flag} | {runs * batch} | {c.launching} "
+            f"| {c.launching / runs:.1f} | {alone_launching} | {c.launching / alone_launching:.1%} "
+            f"| {c.host_reads} | {times[0]} | {times[1]} |")
+
+
+def packed_report(rows) -> list[str]:
+    ks = ", ".join(map(str, PACKED_LAYERS[:3])) + f", ..., {PACKED_LAYERS[-1]}"
+    return ["", "## A packed decode step (`generate_packed`, `--packed`)", "",
+            f"One run at each k = {ks} ({len(PACKED_LAYERS)} runs, efficient), over the same prompts from their "
+            "prompt states, decoded together as `minillm sweep` decodes a pack: one step of the pack against one "
+            "step of each run decoded on its own (each counted as in the first table, at its own k). Per run: the "
+            "packed step's kernel-launching ops over the runs.", "",
+            PACKED_HEAD, "|" + "---|" * 4 + "---:|" * 8] + [packed_row_line(row) for row in rows]
 
 
 def report(rows, header: str, args) -> list[str]:

@@ -28,7 +28,10 @@
 #                   (benchmarks/bench_sweep.py, SmolLM2-135M)
 #   5. reproduce    `minillm reproduce --quick` on the device
 #   6. compiled     the compiled decode step (a CUDA graph) against eager: kernels, launches and ms per step
-#                   (benchmarks/bench_ops.py --compile); last, so that it only gets what the budget has left
+#                   (benchmarks/bench_ops.py --compile)
+#   7. packed       a packed decode step (one run at every other k, as sweeps decode) against the same runs'
+#                   own steps: launches and ms per step (benchmarks/bench_ops.py --packed)
+# Steps 6 and 7 come last, so that they only get what the budget has left.
 # Then OUT/summary.md: the device (nvidia-smi), the commit, each step's exit status and time, and the end of
 # each log.
 set -uo pipefail
@@ -43,7 +46,7 @@ while [ $# -gt 0 ]; do
         --bundle) BUNDLE="$(cd "$2" && pwd)" || exit 2; shift 2 ;;
         --tar) TAR="$2"; shift 2 ;;
         --cpu-smoke|--dry-run) SMOKE=1; shift ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -62,8 +65,9 @@ if [ "$SMOKE" = 1 ]; then
     OPS_ARGS=(--kv-heads 8 --dtypes bfloat16 --batches 1 --time-steps 2)
     SWEEP_ARGS=(--limit capitals=2 --layers 15 --kinds random,skip_attention)
     COMPILED_ARGS=(--kinds baseline --kv-heads 8 --dtypes bfloat16 --batches 1 --time-steps 2)
+    PACKED_ARGS=(--kinds random --kv-heads 8 --dtypes bfloat16 --batches 1 --time-steps 2)
     # name, seconds: generous on a shared CPU; the GPU budget below is what must fit 10 minutes
-    TIMEOUTS=(load_memory=120 model=300 ops=240 sweep=240 reproduce=300 compiled=300)
+    TIMEOUTS=(load_memory=120 model=300 ops=240 sweep=240 reproduce=300 compiled=300 packed=300)
 else
     DEVICE=cuda
     OUT="${OUT:-docs/benchmarks/gpu_check}"
@@ -76,8 +80,9 @@ else
     OPS_ARGS=(--dtypes bfloat16 --time-steps 16)
     SWEEP_ARGS=(--limit capitals=8,context-qa=2 --layers 0,15)
     COMPILED_ARGS=(--kinds baseline,random --kv-heads 8 --dtypes bfloat16 --batches 8 --time-steps 16)
-    # sum of the first five: the 570 s budget; `compiled` runs on what they leave of it
-    TIMEOUTS=(load_memory=200 model=150 ops=70 sweep=80 reproduce=70 compiled=150)
+    PACKED_ARGS=(--kinds random --kv-heads 32 --dtypes bfloat16 --batches 8 --time-steps 8)
+    # sum of the first five: the 570 s budget; `compiled` and `packed` run on what they leave of it
+    TIMEOUTS=(load_memory=200 model=150 ops=70 sweep=80 reproduce=70 compiled=150 packed=120)
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -145,6 +150,7 @@ step sweep "$PY" benchmarks/bench_sweep.py --device "$DEVICE" --csv "$OUT/sweep.
 rm -rf "$OUT/reproduce"  # an earlier check's run there would be resumed (and measure nothing) or refused
 step reproduce "$PY" -m evals.cli reproduce --quick --device "$DEVICE" --out "$OUT/reproduce"
 step compiled "$PY" benchmarks/bench_ops.py --device "$DEVICE" --out "$OUT/compiled.md" --compile "${COMPILED_ARGS[@]}"
+step packed "$PY" benchmarks/bench_ops.py --device "$DEVICE" --out "$OUT/packed.md" --packed "${PACKED_ARGS[@]}"
 
 [ -z "$KEEP" ] && rm -rf "$ROOT"
 
@@ -153,7 +159,7 @@ excerpt() {  # the results part of a step's output (its last 30 lines when that 
     local text=""
     case "$1" in
         model) text="$(sed -n '/^dtype /,$p' "$OUT/model.log")" ;;
-        ops|compiled) [ -f "$OUT/$1.md" ] && text="$(grep '^|' "$OUT/$1.md")" ;;
+        ops|compiled|packed) [ -f "$OUT/$1.md" ] && text="$(grep '^|' "$OUT/$1.md")" ;;
         sweep) text="$(sed -n '/^the whole sweep/,$p' "$OUT/sweep.log")" ;;
     esac
     if [ -n "$text" ]; then echo "$text"; else tail -n 30 "$OUT/$1.log"; fi
@@ -185,7 +191,7 @@ print(machine_header(parse_device('$DEVICE')))"
     done
     echo
     echo "Exit 124: the step's timeout; the end of its log still holds what it measured until then."
-    for name in load_memory model ops sweep reproduce compiled; do
+    for name in load_memory model ops sweep reproduce compiled packed; do
         [ -f "$OUT/$name.log" ] || continue
         echo
         echo "## $name"

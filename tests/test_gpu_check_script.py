@@ -21,7 +21,7 @@ def gpu_check_steps() -> dict[str, list[str]]:
 
 def test_every_gpu_check_step_runs_a_command_that_accepts_its_options():
     steps = gpu_check_steps()
-    assert set(steps) == {"load_memory", "model", "ops", "sweep", "reproduce", "compiled"}
+    assert set(steps) == {"load_memory", "model", "ops", "sweep", "reproduce", "compiled", "packed"}
     for name, words in steps.items():
         options = {word.split("=")[0] for word in words if word.startswith("--")}
         program = words[:3] if words[0] == "-m" else words[:1]  # -m MODULE COMMAND, or a script
