@@ -44,6 +44,15 @@ How it is counted
     Each counted event is attributed to the first line of code outside torch that caused it
     (file:line), which is listed for the host round-trips.
 
+    On a GPU, RMSNorm launches fewer kernels than on the CPU. `F.rms_norm` of an fp32 tensor runs the
+    textbook ops on the CPU (pow, mean, add, rsqrt, mul: 5 kernels) and one fused kernel on CUDA
+    (`_fused_rms_norm`; checked with torch 2.11's CUDA build, where a fake CUDA tensor dispatches exactly that
+    one op). TorchFunctionMode sees each `F.rms_norm` call, so the kernel-launching ops inside the calls are
+    counted apart, and the column "as on CUDA" counts each call as the one kernel it is there. This is the
+    only difference of dispatch between the two devices that this code meets: attention is one kernel on
+    both (torch's CPU flash kernel; on CUDA flash or memory-efficient attention, which torch picks from
+    the shapes).
+
 Run
     python benchmarks/bench_ops.py                       # the tables, on the CPU (a few minutes)
     python benchmarks/bench_ops.py --out docs/benchmarks/ops_before.md
@@ -157,6 +166,8 @@ class Counts:
     scalar_reads: int = 0  # aten._local_scalar_dense: .item(), bool(tensor), ...
     data_dependent: int = 0  # ops whose output size depends on values (a sync on a GPU)
     host_reads: int = 0  # Python-level: .item(), .tolist(), .cpu(), bool(tensor), copies to the CPU
+    norm_calls: int = 0  # Python-level: F.rms_norm calls
+    norm_launching: int = 0  # kernel-launching ops inside F.rms_norm calls (one fused kernel each on CUDA)
     to_device: int = 0  # ATen copies from host memory to the device (only seen with --device cuda)
     to_host: int = 0  # ATen copies from the device to host memory (only seen with --device cuda)
     by_op: Counter = field(default_factory=Counter)
@@ -165,6 +176,11 @@ class Counts:
 
     def __sub__(self, other: Counts) -> Counts:
         return Counts(**{name: getattr(self, name) - getattr(other, name) for name in self.__dataclass_fields__})
+
+    @property
+    def launching_as_on_cuda(self) -> int:
+        """Kernel-launching ops with each `F.rms_norm` call as the one fused kernel it runs on CUDA."""
+        return self.launching - self.norm_launching + self.norm_calls
 
 
 def returns_tensor(out) -> bool:
@@ -194,6 +210,7 @@ class DispatchCounter(TorchDispatchMode):
     def __init__(self, counts: Counts):
         super().__init__()
         self.counts = counts
+        self.in_norm = False  # set by CallCounter during an F.rms_norm call
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -211,6 +228,7 @@ class DispatchCounter(TorchDispatchMode):
             c.no_kernel += 1
         else:
             c.launching += 1
+            c.norm_launching += self.in_norm
             c.launch_files[caller().split(":")[0]] += 1
             if func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
                 c.casts += 1
@@ -241,22 +259,32 @@ def to_host(func, args, kwargs) -> bool:
     return False
 
 
-class HostReadCounter(TorchFunctionMode):
-    def __init__(self, counts: Counts):
+class CallCounter(TorchFunctionMode):
+    """Python-level calls: host reads, and `F.rms_norm` calls (whose ops the dispatch counter marks)."""
+
+    def __init__(self, counts: Counts, dispatch: DispatchCounter):
         super().__init__()
-        self.counts = counts
+        self.counts, self.dispatch = counts, dispatch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if to_host(func, args, kwargs):
             self.counts.host_reads += 1
             self.counts.host_read_sites[f".{func.__name__}() at {caller()}"] += 1
-        return func(*args, **kwargs)
+        if func is not torch.nn.functional.rms_norm:
+            return func(*args, **kwargs)
+        self.counts.norm_calls += 1
+        self.dispatch.in_norm = True
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.dispatch.in_norm = False
 
 
 def count(call) -> Counts:
     counts = Counts()
-    with HostReadCounter(counts), DispatchCounter(counts):
+    dispatch = DispatchCounter(counts)
+    with CallCounter(counts, dispatch), dispatch:
         call()
     return counts
 
@@ -432,7 +460,8 @@ def main() -> None:
         print(f"\nwrote {args.out}")
 
 
-TABLE_HEAD = ("| kv heads | dtype | batch | kind (k = 16) | ops | kernel-launching | per layer | views | casts "
+TABLE_HEAD = ("| kv heads | dtype | batch | kind (k = 16) | ops | kernel-launching | per layer "
+              "| kernel-launching, rms_norm as on CUDA | views | casts "
               "| host reads (Python) | `_local_scalar_dense` | data-dependent | copies to device / to host | ms/step |")
 
 
@@ -441,7 +470,8 @@ def row_line(row) -> str:
     ms_text = f"{ms:.1f}" if ms is not None else ""
     flag = "" if steady else " (steps differ!)"
     return (f"| {kv_heads} | {dtype_name} | {batch} | {case.name}{flag} | {c.ops} | {c.launching} "
-            f"| {c.launching / LAYERS:.1f} | {c.views} | {c.casts} | {c.host_reads} | {c.scalar_reads} "
+            f"| {c.launching / LAYERS:.1f} | {c.launching_as_on_cuda} | {c.views} | {c.casts} | {c.host_reads} "
+            f"| {c.scalar_reads} "
             f"| {c.data_dependent} | {c.to_device} / {c.to_host} | {ms_text} |")
 
 
@@ -504,7 +534,9 @@ def report(rows, header: str, args) -> list[str]:
                   f"`generate_tokens(mode=\"cached\")` (forward, token choice and loop bookkeeping), counted as the "
                   f"difference of runs with n + 1 and n new tokens.")
     columns_text = ("ops: every ATen op dispatched (TorchDispatchMode); kernel-launching: ops that are not views, "
-                    "bare allocations, host-side ops (`promote_types`) or scalar reads; casts: dtype conversions; "
+                    "bare allocations, host-side ops (`promote_types`) or scalar reads; rms_norm as on CUDA: the "
+                    "same with each `F.rms_norm` call counted as the one fused kernel it runs on CUDA (the CPU runs "
+                    "5 ops for it); casts: dtype conversions; "
                     "host reads (Python): `.item()`, `.tolist()`, `.cpu()`, `bool(tensor)`, ... (TorchFunctionMode); "
                     "`_local_scalar_dense`: the ATen op behind `.item()`/`bool()`; data-dependent: ops whose output "
                     "size depends on values (nonzero, unique, boolean-mask indexing), each a sync on a GPU; "
@@ -514,7 +546,7 @@ def report(rows, header: str, args) -> list[str]:
                     f"{args.time_steps} steps, best of 2); with a model this narrow it is nearly all per-op overhead.")
     lines = ["# Ops and host round-trips per decode step", "",
              f"Command: `OMP_NUM_THREADS=1 {command.strip()}`", "", header, "", model_text, "", columns_text, "",
-             TABLE_HEAD, "|" + "---|" * 4 + "---:|" * 10]
+             TABLE_HEAD, "|" + "---|" * 4 + "---:|" * 11]
     lines += [row_line(row) for row in rows]
 
     first = rows[0]
