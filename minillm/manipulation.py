@@ -223,10 +223,11 @@ def random_directions(seed: int, positions: torch.Tensor, width: int, position_l
     """Gaussian vectors [*positions.shape, width] (fp32, on positions' device), a fixed function of
     (seed, position).
 
-    position_limit: every position is below it (a model's context length). The noise of positions
-    0 .. limit-1 is then made once per (seed, width, device), on the CPU block by block as always, and
-    kept on the device; each call only indexes it there, without reading positions back to the host.
-    Without it (or past `_MAX_TABLE_ROWS`), the blocks that positions need are found on the host."""
+    position_limit: every position is below it, a bound the caller knows on the host (a generation's cache
+    length, say). The noise of positions 0 .. limit-1 is then kept on positions' device, per (seed, width),
+    made on the CPU block by block as always, and grown when a later call needs more; each call only indexes
+    it there, without reading positions back to the host. Without it (or past `_MAX_TABLE_ROWS`), the blocks
+    that positions need are found on the host."""
     if position_limit is not None and position_limit <= _MAX_TABLE_ROWS:
         return _noise_table(seed, width, -(-position_limit // _NOISE_BLOCK), positions.device)[positions]
     flat = positions.reshape(-1).cpu()
@@ -235,20 +236,23 @@ def random_directions(seed: int, positions: torch.Tensor, width: int, position_l
         positions.device)
 
 
-# The tables held on devices: (seed, width, blocks, device) -> [blocks * _NOISE_BLOCK, width]. A few
-# only (a sweep uses one seed; 8192 positions of width 4096 are 128 MiB).
+# The tables held on devices: (seed, width, device) -> [blocks * _NOISE_BLOCK, width], as many blocks as a
+# call has needed so far. A few only (a sweep uses one seed; 8192 positions of width 4096 are 128 MiB).
 _MAX_TABLE_ROWS = 8192
 _NOISE_TABLES: OrderedDict = OrderedDict()
 _KEPT_TABLES = 4
 
 
 def _noise_table(seed: int, width: int, blocks: int, device: torch.device) -> torch.Tensor:
-    key = (seed, width, blocks, device)
-    if key not in _NOISE_TABLES:
-        table = torch.cat([
+    """The noise of at least positions 0 .. blocks * _NOISE_BLOCK - 1 on this device."""
+    key = (seed, width, device)
+    table = _NOISE_TABLES.get(key)
+    have = 0 if table is None else table.shape[0] // _NOISE_BLOCK
+    if have < blocks:
+        more = torch.cat([
             torch.randn(_NOISE_BLOCK, width, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
-            for block in range(blocks)])
-        _NOISE_TABLES[key] = table.to(device)
+            for block in range(have, blocks)]).to(device)
+        _NOISE_TABLES[key] = more if table is None else torch.cat([table, more])
         if len(_NOISE_TABLES) > _KEPT_TABLES:
             _NOISE_TABLES.popitem(last=False)
     _NOISE_TABLES.move_to_end(key)

@@ -513,7 +513,11 @@ class Transformer(nn.Module):
         attention_mask = checked_attention_mask(input_ids, attention_mask, efficient and output_hidden_states, checked)
         positions, mask = self.positions_and_mask(attention_mask, cache, no_padding)
         rope = self.rotary(positions, self.embed_tokens.weight.dtype)
-        edits = self.layer_edits(manipulation, attention_mask, positions, efficient, checked)
+        # Every position is below this bound, known on the host, so random's noise needs no read-back: the pass's
+        # length, or the cache's (one noise table for a whole generation; a pass that overflows it fails in append).
+        T = attention_mask.shape[1]
+        position_limit = T if cache is None else max(cache.max_length, cache.length + T)
+        edits = self.layer_edits(manipulation, attention_mask, positions, position_limit, efficient, checked)
         if cache is not None:
             cache.append(attention_mask)
         k = L if manipulation is None else manipulation.layer
@@ -619,9 +623,11 @@ class Transformer(nn.Module):
         blocked = torch.zeros(allowed.shape, dtype=self.embed_tokens.weight.dtype, device=device)
         return positions, blocked.masked_fill_(~allowed, float("-inf"))[:, None]
 
-    def layer_edits(self, manipulation: Manipulation | None, attention_mask, positions,
+    def layer_edits(self, manipulation: Manipulation | None, attention_mask, positions, position_limit: int,
                     efficient: bool = False, checked: bool = False) -> list[LayerEdit]:
         """One LayerEdit per layer for this pass (NO_EDIT where the layer's input is left alone).
+
+        position_limit: every position is below it (known on the host: random's noise needs no read-back).
 
         efficient: compute previous tokens only as far as anyone reads them. Invariant: the same
         last-position logits, which are all an efficient pass returns. freeze: from layer k-1 up,
@@ -641,21 +647,20 @@ class Transformer(nn.Module):
         previous[:, -1] = False
         previous &= positions >= manipulation.spare_first  # spared positions (the attention sink) are not previous
         build = self.edit_builders()[manipulation.kind]
-        return build(manipulation, previous[..., None], attention_mask, positions, efficient)
+        return build(manipulation, previous[..., None], attention_mask, positions, position_limit, efficient)
 
     def edit_builders(self) -> dict:
         """Kind -> the method that builds its LayerEdits, each called as
-        build(manipulation, previous [B, T, 1], attention_mask, positions, efficient) -> list[LayerEdit]."""
+        build(manipulation, previous [B, T, 1], attention_mask, positions, position_limit, efficient)
+        -> list[LayerEdit]."""
         return {"random": self._random_edits, "freeze": self._freeze_edits, "swap": self._swap_edits,
                 "skip_attention": self._skip_attention_edits}
 
-    def _random_edits(self, manipulation, previous, attention_mask, positions, efficient):
-        # The paper's per-step noise changes seed at every step: a whole-context table per step would waste.
-        limit = None if manipulation.fresh_noise_each_step else self.config.max_position_embeddings
-        noise = random_directions(manipulation.noise_seed, positions, self.config.hidden_size, position_limit=limit)
+    def _random_edits(self, manipulation, previous, attention_mask, positions, position_limit, efficient):
+        noise = random_directions(manipulation.noise_seed, positions, self.config.hidden_size, position_limit)
         return self._at_layer(manipulation.layer, LayerEdit(previous=previous, random=noise))
 
-    def _freeze_edits(self, manipulation, previous, attention_mask, positions, efficient):
+    def _freeze_edits(self, manipulation, previous, attention_mask, positions, position_limit, efficient):
         """Layers k .. end-1 (end = L, or k + window). A window's last layer runs previous tokens in full: from
         its output they evolve again. Spared positions keep evolving, so the efficiency mode cannot skip them."""
         L, end = self.config.num_layers, manipulation.end_layer(self.config.num_layers)
@@ -666,7 +671,7 @@ class Transformer(nn.Module):
         flows_on = replace(edit, last_token_only=False) if end < L else edit
         return [edit if first <= j < end - 1 else flows_on if j == end - 1 else NO_EDIT for j in range(L)]
 
-    def _swap_edits(self, manipulation, previous, attention_mask, positions, efficient):
+    def _swap_edits(self, manipulation, previous, attention_mask, positions, position_limit, efficient):
         """Each donor vector placed at its position in every sequence."""
         B, T = attention_mask.shape
         wanted = torch.tensor(manipulation.positions, device=positions.device)
@@ -679,7 +684,7 @@ class Transformer(nn.Module):
         swap_vectors = torch.gather(vectors, 1, which[..., None].expand(-1, -1, vectors.shape[-1]))
         return self._at_layer(manipulation.layer, LayerEdit(swap_at=swap_at, swap_vectors=swap_vectors))
 
-    def _skip_attention_edits(self, manipulation, previous, attention_mask, positions, efficient):
+    def _skip_attention_edits(self, manipulation, previous, attention_mask, positions, position_limit, efficient):
         """Layers k .. end-1 (end = L, or k + window) skip attention; sparing n positions, they attend only to
         those. The efficiency mode drops previous tokens when no layer above k reads them."""
         L, k, n = self.config.num_layers, manipulation.layer, manipulation.spare_first

@@ -110,12 +110,12 @@ class PackedRuns:
         """How many rows are manipulated at this layer (k <= layer): the first ones."""
         return bisect.bisect_right(self.row_k, layer)
 
-    def noise(self, positions: torch.Tensor, model: Transformer) -> torch.Tensor:
-        """random: each row's Gaussian direction [B, 1, D] for its newest position (positions [B, 1])."""
-        config = model.config
+    def noise(self, positions: torch.Tensor, width: int, position_limit: int) -> torch.Tensor:
+        """random: each row's Gaussian direction [B, 1, width] for its newest position (positions [B, 1], all
+        below position_limit)."""
         noise = None
         for seed in self.distinct_seeds:
-            drawn = random_directions(seed, positions, config.hidden_size, config.max_position_embeddings)
+            drawn = random_directions(seed, positions, width, position_limit)
             noise = drawn if noise is None else torch.where((self.seeds == seed)[:, None, None], drawn, noise)
         return noise
 
@@ -127,7 +127,7 @@ class PackedRuns:
         positions, mask = model.positions_and_mask(newest, cache)
         rope = model.rotary(positions, x.dtype)
         cache.append(newest)
-        noise = self.noise(positions, model) if self.kind == "random" else None
+        noise = self.noise(positions, model.config.hidden_size, cache.max_length) if self.kind == "random" else None
         frozen = repassed = x[:0]
         for j, layer in enumerate(model.layers):
             n = self.rows_from(j)  # rows [0, n) are manipulated at this layer

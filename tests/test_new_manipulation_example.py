@@ -44,7 +44,7 @@ class ZeroingTransformer(Transformer):
     def edit_builders(self):  # (3)
         return super().edit_builders() | {"zero": self._zero_edits}
 
-    def _zero_edits(self, manipulation, previous, attention_mask, positions, efficient):
+    def _zero_edits(self, manipulation, previous, attention_mask, positions, position_limit, efficient):
         edit = ZeroingEdit(previous=previous, zero=True)
         return [edit if j >= manipulation.layer else NO_EDIT for j in range(self.config.num_layers)]
 
