@@ -67,13 +67,15 @@ def host_reads(call) -> Counter:
     return counts
 
 
-# A short context, and Mistral-7B's 32768 positions: random's noise must not need the host for either (its
-# table is sized by what a generation needs, which the host knows, not by the model's context).
-@pytest.fixture(scope="module", params=[128, 32768], ids=["context 128", "context 32768"])
+# A short context, and Mistral-7B's layout: 32768 positions (random's noise must not need the host there
+# either: its table is sized by what a generation needs, which the host knows) and a sliding window, here
+# short enough to cut in.
+@pytest.fixture(scope="module", params=[(128, None), (32768, 4)], ids=["context 128", "context 32768, window 4"])
 def model(request):
+    context, window = request.param
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=64,
                          num_layers=LAYERS, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                         rope_theta=10000.0, max_position_embeddings=request.param)
+                         rope_theta=10000.0, max_position_embeddings=context, sliding_window=window)
     torch.manual_seed(0)
     return Transformer(config).eval().requires_grad_(False)
 
