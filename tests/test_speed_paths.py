@@ -92,13 +92,16 @@ def test_a_noise_table_grown_by_later_calls_equals_one_made_at_once():
     """A table holds the blocks that calls have needed so far (a generation's bound, known on the host), and
     grows when a longer one comes: the values stay a function of (seed, position) only."""
     seed, width = 424242, 16  # a seed no other test uses: its table starts empty
+
+    def by_definition(positions):
+        rows = [torch.randn(NOISE_BLOCK, width, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + p // NOISE_BLOCK))[p % NOISE_BLOCK] for p in positions.flatten().tolist()]
+        return torch.stack(rows).reshape(*positions.shape, width)
+
     short = torch.tensor([[0, 5, 63]])
-    assert torch.equal(random_directions(seed, short, width, position_limit=64), random_directions(seed, short, width))
-    long = torch.tensor([[0, 5, 63, 64, 200, 511]])
-    grown = random_directions(seed, long, width, position_limit=512)  # 1 block, then 8
-    assert torch.equal(grown, random_directions(seed, long, width))
-    assert torch.equal(grown[0, 4], torch.randn(NOISE_BLOCK, width, generator=torch.Generator().manual_seed(
-        seed * 1_000_003 + 3))[200 - 3 * NOISE_BLOCK])
+    assert torch.equal(random_directions(seed, short, width, position_limit=64), by_definition(short))  # 1 block
+    long = torch.tensor([[0, 5, 63, 64], [200, 511, 1, 130]])
+    assert torch.equal(random_directions(seed, long, width, position_limit=512), by_definition(long))  # 8 blocks
 
 
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
