@@ -48,10 +48,11 @@ How it is counted
     textbook ops on the CPU (pow, mean, add, rsqrt, mul: 5 kernels) and one fused kernel on CUDA
     (`_fused_rms_norm`; checked with torch 2.11's CUDA build, where a fake CUDA tensor dispatches exactly that
     one op). TorchFunctionMode sees each `F.rms_norm` call, so the kernel-launching ops inside the calls are
-    counted apart, and the column "as on CUDA" counts each call as the one kernel it is there. This is the
-    only difference of dispatch between the two devices that this code meets: attention is one kernel on
-    both (torch's CPU flash kernel; on CUDA flash or memory-efficient attention, which torch picks from
-    the shapes).
+    counted apart, and the column "as on CUDA" counts each call as the one kernel it is there. The other
+    op that dispatches differently is a decode step's attention: one kernel on the CPU (torch's CPU flash
+    kernel), and on CUDA one of its fused kernels (flash, memory-efficient or cuDNN attention, whichever
+    torch picks for the shapes), which may first copy a mask into an aligned buffer (an op or two more).
+    `--device cuda` counts all of it on the device itself.
 
 Run
     python benchmarks/bench_ops.py                       # the tables, on the CPU (a few minutes)
