@@ -392,12 +392,13 @@ def compiled_step(model, batch: int, case: Case, device: torch.device) -> tuple[
 def packed_step(model, batch: int, kind: str, device: torch.device, time_steps: int) -> tuple:
     """A packed step against the same runs' own steps: (packed counts, steady, the runs' kernel-launching ops
     summed, packed ms, the runs' ms summed)."""
-    packed, steady = step_counts(lambda n: decode_packed(model, batch, kind, n))
+    packed_generation = functools.partial(decode_packed, model, batch, kind)  # (n) -> the call
+    packed, steady = step_counts(packed_generation)
     alone = [Case(kind, efficient=True, layer=k) for k in PACKED_LAYERS]
     alone_launching = sum(one_step(model, batch, case, device)[0].launching for case in alone)
     if not time_steps:
         return packed, steady, alone_launching, None, None
-    packed_ms = ms_per_step(lambda n: decode_packed(model, batch, kind, n), device, time_steps)
+    packed_ms = ms_per_step(packed_generation, device, time_steps)
     alone_ms = sum(ms_per_step(lambda n: decode(model, batch, case, n, device), device, time_steps)
                    for case in alone)
     return packed, steady, alone_launching, packed_ms, alone_ms
