@@ -189,8 +189,9 @@ def build_parser(register: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=MODES, default="cached",
                      help="cached: KV cache; faithful: rerun the whole sequence each step (the paper's way)")
     gen.add_argument("--compile", action="store_true",
-                     help="compile the decode step with torch.compile, for fixed shapes (CUDA graphs on a GPU; the "
-                          "first call compiles: worth it for long outputs; needs a C++ compiler on the CPU)")
+                     help="compile the decode step with torch.compile, for fixed shapes (CUDA graphs on a GPU; on "
+                          "the CPU, weights packed ahead, a second copy in memory, and a C++ compiler needed; the "
+                          "first call compiles: worth it for long outputs)")
     gen.set_defaults(run=cmd_generate)
 
     for add_commands in register:

@@ -121,7 +121,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     and keeps no KV cache there.
     `compile`: cached mode only. The decode steps run `model.compiled_layer_stack()` (torch.compile; the
     first call compiles, which takes a while) over a static cache (`KVCache(static=True)`), and the batch keeps
-    its finished rows, so that every step has the same shapes. The same tokens; logits within rounding.
+    its finished rows, so that every step has the same shapes. The same tokens; logits within rounding. On the
+    CPU each compiled graph keeps a packed copy of the weights in memory (see `Transformer.compiled_layer_stack`).
     """
     check_generation(model.config, prompts, max_new_tokens, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
                      manipulation=manipulation)

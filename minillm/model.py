@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,9 @@ class KVCache:
         self.max_length = max_length
         self.static = static
         self.slots = torch.zeros(0, dtype=torch.long, device=device)  # static: the current pass's slots
-        if static:  # a compiled step's CUDA graphs write into them in place, at addresses fixed when recorded
+        # A compiled step's CUDA graphs write into them in place, at addresses fixed when recorded. Not on the CPU,
+        # where no graph is recorded and the compiler would freeze such tensors as constants of its graph.
+        if static and torch.device(device).type == "cuda":
             for tensor in self.keys + self.values:
                 torch._dynamo.mark_static_address(tensor)
 
@@ -476,10 +479,23 @@ class Transformer(nn.Module):
         """`layer_stack` compiled by torch.compile for fixed shapes, in one graph; made on first use, then kept.
         With a static cache (`KVCache(static=True)`), every decode step of a generation has the same shapes,
         so they all run one compiled graph (`generate_tokens(compile=True)`). On a GPU the graph is also
-        captured as a CUDA graph (mode "reduce-overhead"): the step is replayed whole, not launched op by op."""
+        captured as a CUDA graph (mode "reduce-overhead"): the step is replayed whole, not launched op by op.
+
+        On the CPU the weights are frozen into the graph (inductor's `freezing`, under torch.no_grad()): its
+        matmuls read copies of the weights packed ahead of time in oneDNN's or MKL's blocked layout, which a
+        few rows at a time (decoding) multiply much faster than plain `mm` does (docs/BENCHMARKS.md, section 12).
+        The costs: every graph (each manipulation, batch size and cache length compiles one) holds its own packed
+        copy of the weights, and a graph is blind to later changes of the weights, so a change made in place
+        after the first compiled call is refused."""
         if self._compiled_layer_stack is None:
-            mode = "reduce-overhead" if self.embed_tokens.weight.is_cuda else None
-            self._compiled_layer_stack = torch.compile(self.layer_stack, dynamic=False, fullgraph=True, mode=mode)
+            if self.embed_tokens.weight.is_cuda:
+                self._compiled_layer_stack = torch.compile(self.layer_stack, dynamic=False, fullgraph=True,
+                                                           mode="reduce-overhead")
+            else:
+                compiled = torch.compile(self.layer_stack, dynamic=False, fullgraph=True)
+                # A parameter replaced by another (not changed in place) is seen by torch, which compiles anew.
+                weights = list(self.parameters())
+                self._compiled_layer_stack = partial(run_frozen, compiled, weights, weights_version(weights))
         return self._compiled_layer_stack
 
     def set_attention(self, implementation: str) -> None:
@@ -699,6 +715,21 @@ class Transformer(nn.Module):
 
     def _at_layer(self, k: int, edit: LayerEdit) -> list[LayerEdit]:
         return [edit if j == k else NO_EDIT for j in range(self.config.num_layers)]
+
+
+def weights_version(weights: list[torch.Tensor]) -> int:
+    """Grows with every in-place change of any of these tensors (torch counts them, tensor by tensor)."""
+    return sum(w._version for w in weights)
+
+
+def run_frozen(compiled, weights: list[torch.Tensor], version: int, *args):
+    """One call of the CPU's compiled layers, with frozen weights (see `Transformer.compiled_layer_stack`)."""
+    if weights_version(weights) != version:
+        raise RuntimeError("the model's weights changed in place after its compiled decode step was built, "
+                           "and that step keeps its own packed copy of them: load the model again to compile "
+                           "with the new weights")
+    with torch._inductor.config.patch(freezing=True):  # read while tracing, so on every call (recompiles)
+        return compiled(*args)
 
 
 def checked_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -98,3 +98,38 @@ def test_the_compiled_layers_refuse_a_cache_that_grows(model):
     ids = torch.tensor([PROMPTS[0]])
     with pytest.raises(ValueError, match="static cache"):
         model(ids, cache=new_cache(model, 1, 16), compiled=True)
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()),
+                    reason="inductor packs fp32 weights with MKL and oneDNN")
+def test_on_the_cpu_the_compiled_matmuls_read_packed_weights():
+    """The weights are frozen into the graph: no plain `mm` on a weight is left in its code (oneDNN's or MKL's
+    linear on a packed copy instead), and the logits stay within 1e-5 of eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model()
+    eager = generate_tokens(model, PROMPTS, NEW_TOKENS, return_logits=True)
+    compiled, code = run_and_get_code(generate_tokens, model, PROMPTS, NEW_TOKENS, return_logits=True, compile=True)
+    code = "\n".join(code)
+    assert "extern_kernels.mm(" not in code and "extern_kernels.addmm(" not in code
+    assert "_frozen_param" in code
+    assert compiled.tokens == eager.tokens
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=1e-5)
+
+
+def test_weights_changed_after_compiling_are_refused():
+    """The CPU's compiled step keeps its own copy of the weights: a change made in place afterwards would go
+    unseen, so the next compiled call refuses to run; a model loaded anew compiles with its own weights."""
+    model = tiny_model()
+    generate_tokens(model, PROMPTS, 2, compile=True)
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="weights changed in place .* load the model again"):
+        generate_tokens(model, PROMPTS, 2, compile=True)
+
+    other = tiny_model()  # same shapes, other weights: its own graph, not the first model's frozen one
+    with torch.no_grad():
+        other.layers[1].mlp.down_proj.weight.mul_(2)
+    eager = generate_tokens(other, PROMPTS, NEW_TOKENS, return_logits=True)
+    compiled = generate_tokens(other, PROMPTS, NEW_TOKENS, return_logits=True, compile=True)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=1e-5)
